@@ -1,0 +1,284 @@
+"""The run configuration: one frozen dataclass resolved from the dataset spec, a config file,
+`--set key=value` overrides and the command-line flags (in that order; later wins).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from typing import Any, Optional, Sequence
+
+from dpmamba_jax import errors
+
+STAGES = ("all", "pretrain", "distill")
+NORMALIZE = ("none", "standard")
+MODEL_PRESETS = ("paper", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything one training run depends on. Saved as <workdir>/config.json.
+
+  Keys left None take the dataset spec's value (see `resolve`).
+  """
+  dataset: str = "synthetic"
+  data_dir: Optional[str] = None
+  workdir: Optional[str] = None          # default runs/<dataset>/seed<seed>
+  seed: int = 0
+  stage: str = "all"                     # all | pretrain | distill
+  teacher_ckpt: Optional[str] = None     # distill from this save_model dir (default <workdir>/teacher)
+  # Data.
+  split_file: Optional[str] = None       # official_split.npz-style maps or a saved split.npz
+  include_train_in_test: bool = False    # the authors test on all labelled pixels (spec §7.1.2)
+  normalize: str = "standard"            # standard (z-score on train pixels) | none (the authors)
+  pca_fit: str = "all"                   # all pixels (the authors) | train
+  train_per_class: Optional[int] = None
+  synthetic_height: Optional[int] = None  # override the built-in scene's size (tests, demos)
+  synthetic_width: Optional[int] = None
+  # Text.
+  text_encoder: Optional[str] = None     # clip | minilm | random (None = text.py's default)
+  clip_weights: Optional[str] = None
+  # Optimisation (spec §6).
+  epochs_pretrain: Optional[int] = None
+  epochs_distill: Optional[int] = None
+  warmup_epochs: Optional[int] = None
+  batch_size: Optional[int] = None
+  lr: Optional[float] = None
+  weight_decay: Optional[float] = None
+  grad_clip: Optional[float] = None
+  eps: Optional[float] = None
+  betas_pretrain: Optional[tuple[float, float]] = None
+  betas_distill: Optional[tuple[float, float]] = None
+  distill: str = "tbd"                   # tbd (the method) | kl (ablation Variant 1)
+  # Model.
+  model: str = "paper"                   # paper | tiny (ModelConfig.tiny widths, for tests)
+  patch_size: Optional[int] = None
+  hidden: Optional[int] = None
+  depth: Optional[int] = None
+  d_state: Optional[int] = None
+  heads_per_direction: Optional[int] = None
+  af_dropout: Optional[float] = None
+  scan_impl: Optional[str] = None
+  # Bookkeeping.
+  log_every: int = 10                    # epochs between log lines
+  ckpt_every: int = 25                   # epochs between training checkpoints
+  eval_batch: int = 512
+  maps: bool = True
+  compile_cache: bool = True
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+_HINTS: dict[str, Any] | None = None
+
+
+def _hints() -> dict[str, Any]:
+  global _HINTS  # cache of typing.get_type_hints (immutable)
+  if _HINTS is None:
+    _HINTS = typing.get_type_hints(RunConfig)
+  return _HINTS
+
+
+def field_names() -> list[str]:
+  return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def _parse_bool(v) -> bool:
+  if isinstance(v, bool):
+    return v
+  s = str(v).strip().lower()
+  if s in ("1", "true", "yes", "on"):
+    return True
+  if s in ("0", "false", "no", "off"):
+    return False
+  raise ValueError("expected true/false")
+
+
+def coerce(key: str, value: Any, where: str = "--set") -> Any:
+  """Converts `value` (a string from the CLI, or a YAML/JSON value) to the type of `key`."""
+  hints = _hints()
+  if key not in hints:
+    raise errors.UserError(f"{where}: unknown config key {key!r}; expected one of "
+                           f"{', '.join(field_names())}")
+  tp = hints[key]
+  args = typing.get_args(tp)
+  optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+  base = next((a for a in args if a is not type(None)), tp) if optional else tp
+  try:
+    if optional and (value is None or (isinstance(value, str) and
+                                       value.strip().lower() in ("none", "null", ""))):
+      return None
+    if base is bool:
+      return _parse_bool(value)
+    if base is int:
+      if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected an int")
+      return int(value)
+    if base is float:
+      if isinstance(value, bool):
+        raise ValueError("expected a float")
+      return float(value)
+    if base is str:
+      if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError("expected a string")
+      return str(value)
+    if typing.get_origin(base) is tuple:
+      items = value.split(",") if isinstance(value, str) else list(value)
+      n = len(typing.get_args(base))
+      if len(items) != n:
+        raise ValueError(f"expected {n} comma-separated numbers")
+      return tuple(float(x) for x in items)
+  except (TypeError, ValueError) as e:
+    raise errors.UserError(f"{where}: {key}={value!r}: {e} ({_type_name(tp)})") from None
+  raise errors.UserError(f"{where}: {key}: unsupported type {tp}")
+
+
+def _type_name(tp) -> str:
+  return str(tp).replace("typing.", "")
+
+
+def load_config_file(path: str) -> dict:
+  """Reads a YAML or JSON mapping of RunConfig keys."""
+  if not os.path.isfile(path):
+    raise errors.UserError(f"--config {path}: no such file")
+  with open(path) as f:
+    text = f.read()
+  try:
+    if path.endswith(".json"):
+      d = json.loads(text)
+    else:
+      import yaml
+      d = yaml.safe_load(text)
+  except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+    msg = " ".join(str(e).split())
+    raise errors.UserError(f"--config {path}: cannot parse ({msg})") from None
+  if d is None:
+    d = {}
+  if not isinstance(d, dict):
+    raise errors.UserError(f"--config {path}: expected a mapping of config keys, got "
+                           f"{type(d).__name__}")
+  return {k: coerce(k, v, where=path) for k, v in d.items()}
+
+
+def parse_sets(items: Sequence[str]) -> dict:
+  out = {}
+  for item in items or ():
+    if "=" not in item:
+      raise errors.UserError(f"--set {item!r}: expected key=value")
+    k, v = item.split("=", 1)
+    out[k.strip()] = coerce(k.strip(), v, where=f"--set {item}")
+  return out
+
+
+def resolve(overrides: dict) -> tuple[RunConfig, Any]:
+  """Fills every None key from the dataset spec and validates. Returns (config, spec)."""
+  from dpmamba_jax import datasets
+  d = dict(overrides)
+  spec = datasets.get_spec(d.get("dataset", "synthetic"))
+  d["dataset"] = spec.name
+  fill = dict(train_per_class=spec.train_per_class, batch_size=spec.batch_size,
+              lr=spec.lr, weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, eps=spec.eps,
+              betas_pretrain=tuple(spec.betas_pretrain), betas_distill=tuple(spec.betas_distill),
+              patch_size=spec.patch_size, epochs_pretrain=spec.epochs,
+              epochs_distill=spec.epochs)
+  for k, v in fill.items():
+    if d.get(k) is None:
+      d[k] = v
+  if d.get("warmup_epochs") is None:
+    # Keep the paper's warmup fraction (30 of 500) when the epoch count is changed.
+    e = min(d["epochs_pretrain"], d["epochs_distill"])
+    d["warmup_epochs"] = (spec.warmup_epochs if e == spec.epochs
+                          else int(round(spec.warmup_epochs * e / spec.epochs)))
+  if d.get("workdir") is None:
+    d["workdir"] = os.path.join("runs", spec.name, f"seed{d.get('seed', 0)}")
+  cfg = RunConfig(**d)
+  _validate(cfg, spec)
+  return cfg, spec
+
+
+def _validate(cfg: RunConfig, spec) -> None:
+  def bad(key, expected):
+    raise errors.UserError(f"config {key}={getattr(cfg, key)!r}: expected {expected}")
+  if cfg.stage not in STAGES:
+    bad("stage", " | ".join(STAGES))
+  if cfg.normalize not in NORMALIZE:
+    bad("normalize", " | ".join(NORMALIZE))
+  if cfg.pca_fit not in ("all", "train"):
+    bad("pca_fit", "all | train")
+  if cfg.distill not in ("tbd", "kl"):
+    bad("distill", "tbd | kl")
+  if cfg.model not in MODEL_PRESETS:
+    bad("model", " | ".join(MODEL_PRESETS))
+  for k in ("epochs_pretrain", "epochs_distill", "warmup_epochs"):
+    if getattr(cfg, k) < 0:
+      bad(k, "an int >= 0")
+  for k in ("batch_size", "train_per_class", "patch_size", "log_every", "ckpt_every",
+            "eval_batch"):
+    if getattr(cfg, k) < 1:
+      bad(k, "an int >= 1")
+  if cfg.batch_size % spec.num_classes:
+    bad("batch_size", f"a multiple of the {spec.num_classes} classes")
+  if cfg.batch_size // spec.num_classes > cfg.train_per_class:
+    bad("batch_size", f"at most classes x train_per_class = "
+        f"{spec.num_classes * cfg.train_per_class}")
+  if cfg.lr <= 0:
+    bad("lr", "a float > 0")
+  for k in ("betas_pretrain", "betas_distill"):
+    if not all(0.0 <= b < 1.0 for b in getattr(cfg, k)):
+      bad(k, "two floats in [0, 1)")
+  for k in ("synthetic_height", "synthetic_width"):
+    if getattr(cfg, k) is not None and spec.synthetic is None:
+      bad(k, "unset unless --dataset synthetic")
+    if getattr(cfg, k) is not None and getattr(cfg, k) < 1:
+      bad(k, "an int >= 1")
+
+
+def steps_per_epoch(cfg: RunConfig, num_classes: int) -> int:
+  """len(train) // B with k = B // C per class (spec §1.6)."""
+  k = cfg.batch_size // num_classes
+  return max(1, cfg.train_per_class // k)
+
+
+def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
+  """The ModelConfig of this run (bands after PCA, patch size, text width as out_dim)."""
+  from dpmamba_jax import model as model_lib
+  if cfg.model == "tiny":
+    base = model_lib.ModelConfig.tiny()
+    kw = dict(hidden=base.hidden, depth=base.depth, d_state=base.d_state,
+              heads_per_direction=base.heads_per_direction, af_dropout=base.af_dropout,
+              scan_impl=base.scan_impl)
+  else:
+    kw = {}
+  for k in ("hidden", "depth", "d_state", "heads_per_direction", "af_dropout", "scan_impl"):
+    if getattr(cfg, k) is not None:
+      kw[k] = getattr(cfg, k)
+  return model_lib.ModelConfig(bands=tuple(spec.model_bands), patch_size=cfg.patch_size,
+                               out_dim=int(out_dim), prompts=prompts, **kw)
+
+
+def save_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (temp file in the same folder, then os.replace)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def save_text(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def describe(cfg: RunConfig) -> str:
+  """The resolved config, one `key: value` per line."""
+  width = max(len(k) for k in field_names())
+  return "\n".join(f"  {k:<{width}} : {v}" for k, v in cfg.to_dict().items())

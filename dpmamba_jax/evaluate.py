@@ -1,0 +1,310 @@
+"""Evaluation: OA / AA / kappa / per-class / confusion over every modality scenario.
+
+`python -m dpmamba_jax.evaluate --workdir DIR` re-evaluates the last-epoch teacher and student
+saved in DIR (the test set never picks a model) and rewrites DIR/metrics.json and
+DIR/metrics.md. Inference is jitted with a fixed batch (the last batch padded), the scenario
+mask being an input array, so each model compiles once.
+
+metrics.json (percentages 0-100):
+  {"dataset", "seed", "text_encoder", "epochs": {"pretrain", "distill"},
+   "student": {SCENARIO: {"OA", "AA", "kappa", "per_class": [...], "confusion": [[...]]}},
+   "teacher": {SCENARIO: {...}}, "wall_time_s": {"pretrain", "distill", "evaluate"}}
+SCENARIO is "complete" or "without:" + "+".join(missing modality names).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dpmamba_jax import errors
+from dpmamba_jax import masks as masks_lib
+
+METRIC_KEYS = ("OA", "AA", "kappa")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+  """(C, C) int64 counts; rows = true class, columns = predicted class (both 0-based)."""
+  y_true = np.asarray(y_true, np.int64).ravel()
+  y_pred = np.asarray(y_pred, np.int64).ravel()
+  if y_true.shape != y_pred.shape:
+    raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ")
+  c = int(num_classes)
+  if y_true.size and (min(y_true.min(), y_pred.min()) < 0 or max(y_true.max(), y_pred.max()) >= c):
+    raise ValueError(f"labels outside 0..{c - 1}")
+  return np.bincount(y_true * c + y_pred, minlength=c * c).reshape(c, c)
+
+
+def scores(conf: np.ndarray) -> dict:
+  """OA, AA (mean per-class recall), Cohen's kappa, all x100, plus per-class and confusion.
+
+  Classes with no test pixel get per_class None and are left out of AA.
+  """
+  conf = np.asarray(conf, np.int64)
+  n = conf.sum()
+  diag = np.diag(conf).astype(np.float64)
+  support = conf.sum(axis=1).astype(np.float64)
+  predicted = conf.sum(axis=0).astype(np.float64)
+  oa = diag.sum() / n if n else 0.0
+  with np.errstate(invalid="ignore", divide="ignore"):
+    per_class = np.where(support > 0, diag / support, np.nan)
+  aa = float(np.nanmean(per_class)) if np.any(support > 0) else 0.0
+  pe = float((support * predicted).sum() / (n * n)) if n else 0.0
+  kappa = (oa - pe) / (1.0 - pe) if pe < 1.0 else (1.0 if oa == 1.0 else 0.0)
+  return {
+      "OA": 100.0 * float(oa),
+      "AA": 100.0 * aa,
+      "kappa": 100.0 * float(kappa),
+      "per_class": [None if np.isnan(p) else 100.0 * float(p) for p in per_class],
+      "confusion": conf.tolist(),
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched inference.
+
+
+def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.ndarray,
+                   mask_row: np.ndarray | None, num_modalities: int, batch: int = 512, *,
+                   desc: str | None = None) -> np.ndarray:
+  """0-based predictions (N,) for flat pixel indices, in fixed-size batches.
+
+  The last batch is padded with the first index, so every call has the shape (batch,): one
+  compile per model. Patches are gathered on the device inside `predict_fn` (never all in
+  memory). `mask_row` (M,) or None (complete).
+  """
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+  flat_idx = np.asarray(flat_idx, np.int32)
+  n = flat_idx.shape[0]
+  if n == 0:
+    return np.zeros((0,), np.int32)
+  row = np.ones((num_modalities,), np.float32) if mask_row is None else np.asarray(mask_row,
+                                                                                     np.float32)
+  mask = jnp.asarray(np.broadcast_to(row, (batch, num_modalities)))
+  n_batches = -(-n // batch)
+  out = np.empty((n_batches * batch,), np.int32)
+  padded = np.full((n_batches * batch,), flat_idx[0], np.int32)
+  padded[:n] = flat_idx
+  pending = None
+  bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=desc is None,
+             mininterval=1.0)
+  for i in range(n_batches):
+    pred = predict_fn(params, rest, cubes, z, jnp.asarray(padded[i * batch:(i + 1) * batch]), mask)
+    if pending is not None:  # fetch the previous batch while this one runs
+      j, p = pending
+      out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
+      bar.update(1)
+    pending = (i, pred)
+  j, p = pending
+  out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
+  bar.update(1)
+  bar.close()
+  return out[:n]
+
+
+def predictor(model, rd) -> tuple[Callable, Any, Any]:
+  """(jitted predict fn, params, rest) for `model`; the jitted fn is reused per graph (one
+  compile per model and batch shape, shared by evaluation and maps)."""
+  from dpmamba_jax import steps
+  graphdef, params, rest = steps.split_model(model)
+  cache = rd.__dict__.setdefault("_predictors", {})
+  key = (graphdef, rd.width, rd.patch_size)
+  if key not in cache:
+    cache[key] = steps.make_predict_step(graphdef, width=rd.width, patch_size=rd.patch_size)
+  return cache[key], params, rest
+
+
+def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
+                   scenarios: Sequence[tuple[str, Any]] | None = None) -> dict:
+  """{scenario: scores} for one model over the test pixels of the run's split.
+
+  `rd` is a train.RunData (device cubes, text features z, split, labels, spec).
+  """
+  from dpmamba_jax import data
+  predict_fn, params, rest = predictor(model, rd)
+  y_true = data.labels_at(rd.labels, rd.split.test_idx)
+  out = {}
+  for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):
+    pred = predict_pixels(predict_fn, params, rest, rd.cubes, rd.z, rd.split.test_idx, row,
+                          rd.spec.num_modalities, batch, desc=f"eval {which} {name}")
+    out[name] = scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports.
+
+
+def _present(modalities: Sequence[str], scenario: str) -> str:
+  if scenario == "complete":
+    return ", ".join(modalities)
+  missing = scenario.split(":", 1)[1].split("+")
+  return ", ".join(m for m in modalities if m not in missing)
+
+
+def _fmt(v) -> str:
+  if isinstance(v, dict):  # {"mean", "std"}
+    return f"{v['mean']:.2f} ± {v['std']:.2f}"
+  return f"{v:.2f}"
+
+
+def markdown_table(metrics: dict, modalities: Sequence[str], title: str = "") -> str:
+  """The paper's Table-1/2 layout: one Baseline (teacher, zeros) and one DPMamba row per scenario.
+
+  Works for one run (numbers) and for `summarize_runs` output ({"mean", "std"} per metric).
+  """
+  train_mods = ", ".join(modalities)
+  lines = []
+  if title:
+    lines += [f"### {title}", ""]
+  lines += ["| Method | Training Modalities | Testing Modalities | OA(%) | AA(%) | κ(×100) |",
+            "|---|---|---|---|---|---|"]
+  names = [n for n, _ in masks_lib.eval_scenarios(modalities)]
+  for name in names[1:] + names[:1]:  # the paper lists missing scenarios first, complete last
+    for label, key in (("Baseline (teacher, zero-filled)", "teacher"), ("DPMamba (student)",
+                                                                         "student")):
+      m = metrics.get(key, {}).get(name)
+      if m is None:
+        continue
+      lines.append(f"| {label} | {train_mods} | {_present(modalities, name)} | {_fmt(m['OA'])} | "
+                   f"{_fmt(m['AA'])} | {_fmt(m['kappa'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def summarize_runs(runs: Sequence[dict]) -> dict:
+  """Mean ± std (population std, ddof=0) over runs of OA, AA, kappa and per-class accuracy."""
+  if not runs:
+    raise ValueError("no runs to summarize")
+  out: dict[str, Any] = {"dataset": runs[0]["dataset"], "seeds": [r["seed"] for r in runs],
+                         "text_encoder": runs[0]["text_encoder"], "epochs": runs[0]["epochs"]}
+  for key in ("student", "teacher"):
+    out[key] = {}
+    for name in runs[0].get(key, {}):
+      vals = [r[key][name] for r in runs if name in r.get(key, {})]
+      entry = {}
+      for k in METRIC_KEYS:
+        a = np.array([v[k] for v in vals], np.float64)
+        entry[k] = {"mean": float(a.mean()), "std": float(a.std())}
+      pc = np.array([[np.nan if x is None else x for x in v["per_class"]] for v in vals])
+      with np.errstate(invalid="ignore"):
+        entry["per_class"] = [{"mean": float(np.nanmean(c)) if np.any(~np.isnan(c)) else None,
+                               "std": float(np.nanstd(c)) if np.any(~np.isnan(c)) else None}
+                              for c in pc.T]
+      out[key][name] = entry
+  wall = [r.get("wall_time_s", {}) for r in runs]
+  out["wall_time_s"] = {k: float(sum(w.get(k, 0.0) for w in wall)) for k in
+                        ("pretrain", "distill", "evaluate")}
+  return out
+
+
+def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> None:
+  from dpmamba_jax import config as config_lib
+  config_lib.save_json(os.path.join(workdir, "metrics.json"), metrics)
+  title = (f"{metrics['dataset']}, seed {metrics['seed']}, text encoder "
+           f"{metrics['text_encoder']}, last-epoch models")
+  config_lib.save_text(os.path.join(workdir, "metrics.md"), markdown_table(metrics, modalities,
+                                                                             title))
+
+
+def evaluate_run(rd, workdir: str, teacher=None, student=None, *, epochs: dict,
+                 wall_time_s: dict, batch: int = 512, log: Callable[[str], None] = print) -> dict:
+  """Evaluates the teacher (zeros for missing modalities) and the student (prompts) and writes
+  metrics.json + metrics.md. Returns the metrics dict."""
+  t0 = time.time()
+  metrics: dict[str, Any] = {
+      "dataset": rd.spec.name, "seed": int(rd.cfg.seed), "text_encoder": rd.text_encoder,
+      "epochs": {"pretrain": int(epochs.get("pretrain", 0)),
+                 "distill": int(epochs.get("distill", 0))},
+      "student": {}, "teacher": {}}
+  if student is not None:
+    metrics["student"] = evaluate_model(student, rd, batch=batch, which="student")
+  if teacher is not None:
+    metrics["teacher"] = evaluate_model(teacher, rd, batch=batch, which="teacher")
+  metrics["wall_time_s"] = {"pretrain": float(wall_time_s.get("pretrain", 0.0)),
+                            "distill": float(wall_time_s.get("distill", 0.0)),
+                            "evaluate": float(time.time() - t0)}
+  write_metrics(workdir, metrics, rd.spec.modalities)
+  n_test = int(rd.split.test_idx.size)
+  log(f"evaluation on {n_test} test pixels "
+      f"({'including' if rd.cfg.include_train_in_test else 'excluding'} the training pixels), "
+      f"last-epoch models:")
+  log(markdown_table(metrics, rd.spec.modalities))
+  return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="python -m dpmamba_jax.evaluate",
+      description="Re-evaluate the last-epoch teacher/student of a training workdir over every "
+                  "modality scenario; rewrites metrics.json and metrics.md (and the maps).")
+  p.add_argument("--workdir", required=True, help="a workdir written by dpmamba_jax.train")
+  p.add_argument("--data-dir", default=None, help="override the data dir saved in config.json")
+  p.add_argument("--batch", type=int, default=None, help="inference batch (default: config)")
+  p.add_argument("--maps", action=argparse.BooleanOptionalAction, default=False,
+                 help="also write the classification maps (default off here)")
+  p.add_argument("--no-compile-cache", action="store_true",
+                 help="disable the persistent XLA compilation cache")
+  return p
+
+
+@errors.cli_entry
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  from dpmamba_jax import checkpoint, train
+  from dpmamba_jax import config as config_lib
+  workdir = os.path.abspath(args.workdir)
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise errors.UserError(f"{cfg_path}: not found; expected a workdir written by "
+                           "python -m dpmamba_jax.train")
+  with open(cfg_path) as f:
+    saved = json.load(f)
+  overrides = {k: config_lib.coerce(k, v, where=cfg_path) for k, v in saved.items()}
+  overrides["workdir"] = workdir
+  if args.data_dir is not None:
+    overrides["data_dir"] = args.data_dir
+  if args.no_compile_cache:
+    overrides["compile_cache"] = False
+  cfg, spec = config_lib.resolve(overrides)
+  train.setup_compile_cache(cfg.compile_cache)
+  rd = train.prepare(cfg, spec, workdir)
+  models = {}
+  for key in ("teacher", "student"):
+    path = os.path.join(workdir, key)
+    if key == "teacher" and cfg.teacher_ckpt and not checkpoint.is_model_checkpoint(path):
+      path = cfg.teacher_ckpt
+    if checkpoint.is_model_checkpoint(path):
+      models[key] = checkpoint.load_model(path)
+  if not models:
+    raise errors.UserError(f"{workdir}: no teacher/ or student/ model checkpoint to evaluate")
+  epochs = {k: v[2].get("epochs", 0) for k, v in (("pretrain", models.get("teacher")),
+                                                  ("distill", models.get("student"))) if v}
+  walls = {k: v[2].get("wall_time_s", 0.0) for k, v in (("pretrain", models.get("teacher")),
+                                                        ("distill", models.get("student"))) if v}
+  teacher = models["teacher"][0] if "teacher" in models else None
+  student = models["student"][0] if "student" in models else None
+  evaluate_run(rd, workdir, teacher, student, epochs=epochs, wall_time_s=walls,
+               batch=args.batch or cfg.eval_batch)
+  if args.maps and student is not None:
+    from dpmamba_jax import maps
+    maps.write_all_maps(rd, student, os.path.join(workdir, "maps"), batch=args.batch or
+                        cfg.eval_batch)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

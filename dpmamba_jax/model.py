@@ -1,0 +1,409 @@
+"""DPMamba model (spec §2-§3): patch embedding, attention fusion, modality-aware Mamba blocks, head.
+
+Channels-last throughout: modality m is (B, P, P, C_m); features are (B, P, P, hidden).
+A modality mask is (B, M), 1 = present, 0 = missing.
+
+jit pattern (NNX): split once, then a plain ``jax.jit`` of a pure function that merges inside::
+
+  forward = make_forward(model)          # graphdef fixed
+  v = forward(nnx.state(model), xs, mask)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpmamba_jax import scan
+from dpmamba_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Model hyper-parameters. Defaults are the reference's (spec §2, all three configs).
+
+  bands: channels per modality as fed to the model (after PCA), modality 0 first.
+  patch_size: P of the (P, P) patches (any P >= 1; the reference uses odd P).
+  hidden: feature width h (the reference's 64); must be divisible by 2 and by heads_per_direction.
+  depth: number of modality-aware Mamba blocks.
+  d_state: SSM state size N.
+  heads_per_direction: R, the SSM heads per scan direction (head dim = hidden / R).
+  out_dim: width of the output V (the text feature size, 512 for CLIP).
+  af_dropout: dropout on the attention-fusion weights in training.
+  prompts: True for the student (missing-modality prompts), False for the teacher.
+  scan_impl: "associative" or "sequential" (reference) recurrence.
+  """
+  bands: tuple[int, ...]
+  patch_size: int
+  hidden: int = 64
+  depth: int = 2
+  d_state: int = 1
+  heads_per_direction: int = 4
+  out_dim: int = 512
+  af_dropout: float = 0.3
+  prompts: bool = False
+  scan_impl: str = "associative"
+
+  def __post_init__(self):
+    bands = tuple(int(b) for b in np.atleast_1d(self.bands))
+    object.__setattr__(self, "bands", bands)
+    checks = [
+        (len(bands) >= 1 and all(b >= 1 for b in bands), "bands", "one or more positive ints"),
+        (int(self.patch_size) >= 1, "patch_size", "an int >= 1"),
+        (self.hidden >= 2 and self.hidden % 2 == 0, "hidden", "an even int >= 2"),
+        (self.heads_per_direction >= 1 and self.hidden % self.heads_per_direction == 0,
+         "heads_per_direction", f"a divisor of hidden={self.hidden}"),
+        (self.depth >= 0, "depth", "an int >= 0"),
+        (self.d_state >= 1, "d_state", "an int >= 1"),
+        (self.out_dim >= 1, "out_dim", "an int >= 1"),
+        (0.0 <= self.af_dropout < 1.0, "af_dropout", "a float in [0, 1)"),
+        (self.scan_impl in scan.SCAN_IMPLS, "scan_impl", f"one of {scan.SCAN_IMPLS}"),
+    ]
+    for ok, key, expected in checks:
+      if not ok:
+        raise UserError(f"ModelConfig.{key}={getattr(self, key)!r}: expected {expected}")
+
+  @property
+  def num_modalities(self) -> int:
+    return len(self.bands)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "ModelConfig":
+    """A small two-modality config for tests (hidden 16, P 5, depth 2, out 32)."""
+    kw = dict(bands=(6, 2), patch_size=5, hidden=16, depth=2, out_dim=32)
+    kw.update(overrides)
+    return cls(**kw)
+
+  @classmethod
+  def for_dataset(cls, spec: Any, **overrides) -> "ModelConfig":
+    """Config for a ``datasets.DatasetSpec`` (or its name): its model_bands and patch_size."""
+    if isinstance(spec, str):
+      from dpmamba_jax import datasets  # lazy: datasets imports nothing from here
+      spec = datasets.get_spec(spec)
+    kw = dict(bands=tuple(spec.model_bands), patch_size=int(spec.patch_size))
+    kw.update(overrides)
+    return cls(**kw)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["bands"] = list(self.bands)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise UserError(f"model config keys {unknown}: not ModelConfig fields {sorted(names)}")
+    return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers (spec §2.10)
+
+
+def _uniform(bound: float):
+  """U(-bound, bound): PyTorch's default conv / linear init with bound = 1/sqrt(fan_in)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+# trunc_normal(std 0.02) with an absolute cut at +-2, i.e. +-100 std.
+_trunc_normal_002 = jax.nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
+
+
+def _conv3x3(cin: int, cout: int, groups: int, rngs: nnx.Rngs) -> nnx.Conv:
+  bound = 1.0 / math.sqrt(cin // groups * 9)
+  return nnx.Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=groups,
+                  kernel_init=_uniform(bound), bias_init=_uniform(bound), rngs=rngs)
+
+
+def _linear(cin: int, cout: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(cin, cout, kernel_init=_trunc_normal_002,
+                    bias_init=jax.nn.initializers.zeros, rngs=rngs)
+
+
+def _layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # LayerNorm2d: over channels at each pixel, biased variance, eps 1e-5.
+  return nnx.LayerNorm(features, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class MaskedBatchNorm(nnx.Module):
+  """BatchNorm2d with PyTorch semantics whose batch statistics skip masked-out samples.
+
+  Eval: (x - running_mean) / sqrt(running_var + eps) * scale + bias.
+  Train: normalise with the biased batch variance over (samples with mask != 0) x P x P, and
+  update running_mean/var with momentum 0.1 (running_var gets the unbiased variance). When no
+  sample is present, the running statistics normalise and are left unchanged.
+  """
+
+  def __init__(self, features: int, *, momentum: float = 0.1, epsilon: float = 1e-5):
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
+
+  def __call__(self, x: jax.Array, sample_mask: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
+    """x: (B, H, W, C); sample_mask: (B,) nonzero = use this sample's statistics."""
+    running_mean, running_var = self.mean[...], self.var[...]
+    if not train:
+      mean, var = running_mean, running_var
+    else:
+      if sample_mask is None:
+        present = jnp.ones(x.shape[:1], bool)
+      else:
+        present = jnp.asarray(sample_mask) != 0  # (B,)
+      sel = present[:, None, None, None]
+      count = present.sum().astype(jnp.float32) * (x.shape[1] * x.shape[2])
+      safe = jnp.maximum(count, 1.0)
+      mean_b = jnp.where(sel, x, 0.0).sum(axis=(0, 1, 2)) / safe  # (C,)
+      var_b = jnp.where(sel, jnp.square(x - mean_b), 0.0).sum(axis=(0, 1, 2)) / safe
+      unbiased = var_b * count / jnp.maximum(count - 1.0, 1.0)
+      any_present = count > 0
+      mean = jnp.where(any_present, mean_b, running_mean)
+      var = jnp.where(any_present, var_b, running_var)
+      mom = self.momentum
+      self.mean[...] = jnp.where(any_present, (1 - mom) * running_mean + mom * mean_b,
+                                 running_mean)
+      self.var[...] = jnp.where(any_present, (1 - mom) * running_var + mom * unbiased,
+                                running_var)
+    inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...]
+    return (x - mean) * inv + self.bias[...]
+
+
+class AttentionFusion(nnx.Module):
+  """Per-pixel softmax fusion of n feature maps with one shared 1x1 score (spec §2.5)."""
+
+  def __init__(self, hidden: int, *, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(hidden)  # the reference's Conv2d(hidden, 1, 1) default init
+    self.score = nnx.Linear(hidden, 1, kernel_init=_uniform(bound), bias_init=_uniform(bound),
+                            rngs=rngs)
+
+  def __call__(self, zs: Sequence[jax.Array], *, rate: float = 0.0,
+               key: jax.Array | None = None) -> jax.Array:
+    """zs: n arrays (B, H, W, C) -> (B, H, W, C). Dropout on the weights when key is given."""
+    z = jnp.stack(list(zs))  # (n, B, H, W, C)
+    w = jax.nn.softmax(self.score(z), axis=0)  # (n, B, H, W, 1)
+    if key is not None and rate > 0.0:
+      keep = jax.random.bernoulli(key, 1.0 - rate, w.shape)
+      w = jnp.where(keep, w / (1.0 - rate), 0.0)
+    return (w * z).sum(axis=0)
+
+
+class ZigzagSSM(nnx.Module):
+  """The reference's SSM module (IMSM / Cat_IMSM): four zigzag directions, summed (spec §2.6)."""
+
+  def __init__(self, hidden: int, heads: int, d_state: int, *, rngs: nnx.Rngs):
+    k = scan.NUM_DIRECTIONS
+    self.x_proj = nnx.Param(_uniform(1.0 / math.sqrt(hidden))(
+        rngs.params(), (k, hidden, heads + 2 * d_state)))  # (K, D, R+2N)
+    self.dt_bias = nnx.Param(0.1 * jax.random.uniform(rngs.params(), (k, heads)))  # (K, R)
+    self.a_log = nnx.Param(jnp.zeros((k, heads), jnp.float32))  # A = -1 at init
+    self.d_skip = nnx.Param(jnp.ones((k, hidden), jnp.float32))  # (K, D)
+
+  def __call__(self, x: jax.Array, *, impl: str = "associative") -> jax.Array:
+    """x: (B, P, P, D) -> (B, P, P, D)."""
+    b, p, q, d = x.shape
+    y = scan.selective_scan(x.reshape(b, p * q, d), self.x_proj[...], self.dt_bias[...],
+                            self.a_log[...], self.d_skip[...], scan.zigzag_paths(p), impl=impl)
+    return y.reshape(b, p, q, d)
+
+
+class PatchEmbed(nnx.Module):
+  """conv 3x3 -> masked BatchNorm -> ReLU -> LayerNorm over channels (spec §2.2)."""
+
+  def __init__(self, bands: int, hidden: int, *, rngs: nnx.Rngs):
+    self.conv = _conv3x3(bands, hidden, 1, rngs)
+    self.bn = MaskedBatchNorm(hidden)
+    self.norm = _layer_norm(hidden, rngs)
+
+  def __call__(self, x, sample_mask=None, *, train=False, details=None):
+    y = jax.nn.relu(self.bn(self.conv(x), sample_mask, train=train))
+    if details is not None:
+      details["embed_bn_relu"] = y
+    return self.norm(y)
+
+
+class MAMambaBlock(nnx.Module):
+  """Modality-aware Mamba block (spec §2.4): a cross branch plus one branch per modality.
+
+  No residuals. For M == 1 there is no cross branch and the per-modality fusion sees only its
+  own input (its softmax weight is 1).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    h, m_count = cfg.hidden, cfg.num_modalities
+    self.num_modalities = m_count
+    self.af_dropout = cfg.af_dropout
+    self.scan_impl = cfg.scan_impl
+    ssm = lambda: ZigzagSSM(h, cfg.heads_per_direction, cfg.d_state, rngs=rngs)
+    self.ln1 = nnx.List([_layer_norm(h, rngs) for _ in range(m_count)])
+    self.ln3 = nnx.List([_layer_norm(h, rngs) for _ in range(m_count)])
+    self.af = nnx.List([AttentionFusion(h, rngs=rngs) for _ in range(m_count)])
+    self.conv = nnx.List([_conv3x3(h, h, h // 2, rngs) for _ in range(m_count)])
+    self.ssm = nnx.List([ssm() for _ in range(m_count)])
+    self.out_proj = nnx.List([_linear(h, h, rngs) for _ in range(m_count)])
+    if m_count >= 2:
+      self.cross_af = AttentionFusion(h, rngs=rngs)
+      self.ln2 = _layer_norm(h, rngs)
+      self.cross_conv = _conv3x3(h, h, h, rngs)  # depthwise
+      self.cross_ssm = ssm()
+      self.cross_proj = _linear(h, h, rngs)
+
+  def __call__(self, fs: Sequence[jax.Array], *, key: jax.Array | None = None,
+               details: dict | None = None) -> list[jax.Array]:
+    """fs: M arrays (B, P, P, h) -> M arrays (B, P, P, h). key: AF dropout (train) or None."""
+    m_count = self.num_modalities
+    keys = [None] * (m_count + 1) if key is None else list(jax.random.split(key, m_count + 1))
+    det = details if details is not None else {}
+    a = [self.ln1[m](fs[m]) for m in range(m_count)]
+    c = None
+    if m_count >= 2:
+      c = self.cross_af(a, rate=self.af_dropout, key=keys[m_count])
+      det["cross_af"] = c
+      c = self.cross_conv(self.ln2(c))
+      det["cross_conv"] = c
+      c = self.cross_ssm(c, impl=self.scan_impl)
+      det["cross_ssm"] = c
+      c = jax.nn.silu(self.cross_proj(c))
+      det["cross_out"] = c
+    outs = []
+    for m in range(m_count):
+      y = self.af[m]([a[m]] if c is None else [a[m], c], rate=self.af_dropout, key=keys[m])
+      det[f"af/m{m}"] = y
+      y = self.conv[m](self.ln3[m](y))
+      det[f"conv/m{m}"] = y
+      y = self.ssm[m](y, impl=self.scan_impl)
+      det[f"ssm/m{m}"] = y
+      outs.append(jax.nn.silu(self.out_proj[m](y)))
+    return outs
+
+
+class DPMamba(nnx.Module):
+  """The DPMamba visual network: M patches -> V (B, out_dim) (spec §2.11).
+
+  Teacher (cfg.prompts False): masked modalities get zero features. Student (True): they get the
+  learned prompt of that modality, one (P, P, hidden) N(0,1) tensor per modality.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h, m_count, p = cfg.hidden, cfg.num_modalities, cfg.patch_size
+    self.embed = nnx.List([PatchEmbed(b, h, rngs=rngs) for b in cfg.bands])
+    self.blocks = nnx.List([MAMambaBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.head_norm = _layer_norm(h * m_count, rngs)
+    self.head = _linear(h * m_count, cfg.out_dim, rngs)
+    if cfg.prompts:
+      self.prompts = nnx.List([
+          nnx.Param(jax.random.normal(rngs.params(), (p, p, h), jnp.float32))
+          for _ in range(m_count)])
+
+  def _check_inputs(self, xs, mask):
+    cfg = self.cfg
+    if len(xs) != cfg.num_modalities:
+      raise UserError(f"model input: got {len(xs)} modalities, expected {cfg.num_modalities}")
+    b = xs[0].shape[0]
+    for m, x in enumerate(xs):
+      want = (b, cfg.patch_size, cfg.patch_size, cfg.bands[m])
+      if tuple(x.shape) != want:
+        raise UserError(f"model input modality {m}: shape {tuple(x.shape)}, expected {want} "
+                        "(B, P, P, C) channels-last")
+    if mask is not None and tuple(jnp.shape(mask)) != (b, cfg.num_modalities):
+      raise UserError(f"model mask: shape {tuple(jnp.shape(mask))}, expected "
+                      f"{(b, cfg.num_modalities)}")
+
+  def __call__(self, xs: Sequence[jax.Array], mask: jax.Array | None = None, *,
+               train: bool = False, dropout_key: jax.Array | None = None,
+               details: dict | None = None) -> jax.Array:
+    """Visual features V.
+
+    Args:
+      xs: M arrays (B, P, P, C_m).
+      mask: (B, M) bool/float, 1 = present, or None (all present).
+      train: batch-statistics BatchNorm (updates running stats) and AF dropout.
+      dropout_key: PRNG key for AF dropout; required when train and cfg.af_dropout > 0.
+      details: optional dict filled with intermediates (for tests / inspection).
+
+    Returns:
+      (B, out_dim) float32, not normalised.
+    """
+    cfg = self.cfg
+    self._check_inputs(xs, mask)
+    if train and cfg.af_dropout > 0 and cfg.depth > 0 and dropout_key is None:
+      raise ValueError("DPMamba(train=True) needs dropout_key when af_dropout > 0")
+    det = details if details is not None else {}
+    present = None if mask is None else jnp.asarray(mask) != 0  # (B, M)
+    fs = []
+    for m in range(cfg.num_modalities):
+      d_m = {}
+      f = self.embed[m](xs[m], None if present is None else present[:, m], train=train,
+                        details=d_m)
+      det[f"embed_bn_relu/m{m}"] = d_m["embed_bn_relu"]
+      det[f"embed/m{m}"] = f
+      if present is not None:
+        fill = self.prompts[m][...] if cfg.prompts else jnp.zeros_like(f[0])
+        f = jnp.where(present[:, m, None, None, None], f, fill[None])
+      det[f"injected/m{m}"] = f
+      fs.append(f)
+    block_keys = (None if not train or dropout_key is None or cfg.af_dropout == 0
+                  else jax.random.split(dropout_key, max(cfg.depth, 1)))
+    for i, blk in enumerate(self.blocks):
+      d_blk = {}
+      fs = blk(fs, key=None if block_keys is None else block_keys[i], details=d_blk)
+      for k, v in d_blk.items():
+        det[f"block{i}_detail/{k}"] = v
+      for m, f in enumerate(fs):
+        det[f"block{i}/m{m}"] = f
+    pooled = self.head_norm(jnp.concatenate(fs, axis=-1)).mean(axis=(1, 2))  # (B, h*M)
+    det["head_pooled"] = pooled
+    return self.head(pooled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def make_forward(model: DPMamba, *, max_traces: int | None = None):
+  """Jitted eval-mode forward with the graphdef fixed: (state, xs, mask) -> V (B, out_dim).
+
+  ``state`` is ``nnx.state(model)``; pass ``mask=None`` for complete inputs. With max_traces,
+  the traced function is wrapped in chex.assert_max_traces (for tests).
+  """
+  graphdef = nnx.graphdef(model)
+
+  def forward(state, xs, mask=None):
+    return nnx.merge(graphdef, state)(list(xs), mask)
+
+  if max_traces is not None:
+    forward = chex.assert_max_traces(forward, n=max_traces)
+  return jax.jit(forward)
+
+
+def param_count(model: nnx.Module) -> int:
+  """Number of trainable scalars (nnx.Param only; running stats are excluded)."""
+  leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+  return int(sum(np.prod(x.shape) for x in leaves))
+
+
+def abstract_model(cfg: ModelConfig) -> DPMamba:
+  """A DPMamba with ShapeDtypeStruct leaves (no memory, no compute), e.g. for counting."""
+  return nnx.eval_shape(lambda: DPMamba(cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,159 @@
+"""Zigzag scan paths and the selective SSM core (spec §2.6-2.8).
+
+The SSM is the reference's Mamba-2 SSD module without in/out projections: per scan direction k a
+projection of each token to (Δ per head, B, C), Δ = softplus(raw + bias), one scalar
+A = -exp(A_log) per head, a per-channel D skip, state size N and a zero initial state. The four
+directions are evaluated along their zigzag paths, put back in raster order and summed.
+
+Layout: tokens are channels-last, ``u`` is (B, L, D) with L = P * P in row-major pixel order.
+Per direction, the D channels are split into R heads of D / R channels (channel c -> head c // Dh).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_DIRECTIONS = 4
+SCAN_IMPLS = ("associative", "sequential")
+
+
+@functools.lru_cache(maxsize=None)
+def _zigzag_paths_cached(p: int) -> np.ndarray:
+  n = p
+  i = np.arange(n)[:, None]  # outer loop index
+  j = np.arange(n)[None, :]  # inner loop index
+  col = np.where(i % 2 == 0, j, n - 1 - j)  # path0 / path2 column rule, (n, n)
+  row = np.where(j % 2 == 0, i, n - 1 - i)  # path1 / path3 row rule, indexed [i, j]
+  path0 = (i * n + col).reshape(-1)
+  path1 = (row * n + j).T.reshape(-1)  # outer loop is j
+  path2 = ((n - 1 - i) * n + (n - 1 - col)).reshape(-1)
+  path3 = ((n - 1 - row) * n + (n - 1 - j)).T.reshape(-1)
+  paths = np.stack([path0, path1, path2, path3]).astype(np.int32)
+  paths.setflags(write=False)
+  return paths
+
+
+def zigzag_paths(p: int) -> np.ndarray:
+  """The four zigzag scan orders of a p x p patch (spec §2.7).
+
+  Args:
+    p: patch side, >= 1.
+
+  Returns:
+    (4, p*p) int32: row k lists the row-major pixel indices in the order direction k visits them
+    (row snake, column snake, and the two mirrored snakes from the bottom-right corner).
+  """
+  if int(p) < 1:
+    raise ValueError(f"patch size must be >= 1, got {p}")
+  return _zigzag_paths_cached(int(p))
+
+
+def inverse_paths(paths: np.ndarray) -> np.ndarray:
+  """Inverse permutations: ``inv[k, paths[k, t]] = t``. (K, L) -> (K, L) int32."""
+  paths = np.asarray(paths)
+  inv = np.empty_like(paths)
+  rows = np.arange(paths.shape[0])[:, None]
+  inv[rows, paths] = np.arange(paths.shape[1])[None, :]
+  return inv.astype(np.int32)
+
+
+def _combine(left, right):
+  """Composition of h -> a h + b maps: applying `left` then `right`."""
+  a_l, b_l = left
+  a_r, b_r = right
+  return a_l * a_r, a_r * b_l + b_r
+
+
+def linear_recurrence(a: jax.Array, b: jax.Array, *, axis: int, impl: str = "associative") -> jax.Array:
+  """h_t = a_t * h_{t-1} + b_t along `axis` with h_{-1} = 0.
+
+  `a` must broadcast against `b` (it may have size-1 trailing axes); the result has b's shape.
+  impl "associative" uses one jax.lax.associative_scan, "sequential" a lax.scan (reference).
+  """
+  if impl == "associative":
+    _, h = jax.lax.associative_scan(_combine, (a, b), axis=axis)
+    return h
+  if impl == "sequential":
+    a_t = jnp.moveaxis(jnp.broadcast_to(a, b.shape), axis, 0)
+    b_t = jnp.moveaxis(b, axis, 0)
+
+    def step(h, ab):
+      h = ab[0] * h + ab[1]
+      return h, h
+
+    _, h = jax.lax.scan(step, jnp.zeros_like(b_t[0]), (a_t, b_t))
+    return jnp.moveaxis(h, 0, axis)
+  raise ValueError(f"scan impl must be one of {SCAN_IMPLS}, got {impl!r}")
+
+
+def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: jax.Array,
+                   d_skip: jax.Array, paths: np.ndarray, *, impl: str = "associative") -> jax.Array:
+  """Four-direction selective SSM over a flattened patch, summed in raster order (spec §2.6).
+
+  Args:
+    u: (B, L, D) tokens in row-major pixel order.
+    x_proj: (K, D, R + 2N) per-direction projection; columns [0, R) are the Δ pre-activations of
+      the R heads, [R, R+N) are B and [R+N, R+2N) are C.
+    dt_bias: (K, R) added to Δ before the softplus.
+    a_log: (K, R); A = -exp(a_log), one scalar per head.
+    d_skip: (K, D) skip weight per direction and channel.
+    paths: (K, L) int scan orders (numpy, static), e.g. ``zigzag_paths(P)``.
+    impl: "associative" (one associative_scan over all directions and heads) or "sequential".
+
+  Returns:
+    (B, L, D) float32: sum over directions of the outputs, in raster order.
+  """
+  paths = np.asarray(paths)
+  inv = inverse_paths(paths)
+  bsz, length, dim = u.shape
+  k_dirs, r_heads = a_log.shape
+  n_state = (x_proj.shape[-1] - r_heads) // 2
+  head_dim = dim // r_heads
+  u = u.astype(jnp.float32)
+
+  xs = jnp.take(u, jnp.asarray(paths), axis=1)  # (B, K, L, D)
+  z = jnp.einsum("bkld,kde->bkle", xs, x_proj.astype(jnp.float32))  # (B, K, L, R+2N)
+  dt = jax.nn.softplus(z[..., :r_heads] + dt_bias[:, None, :])  # (B, K, L, R)
+  b_in = z[..., r_heads:r_heads + n_state]  # (B, K, L, N)
+  c_out = z[..., r_heads + n_state:]  # (B, K, L, N)
+  a_head = -jnp.exp(a_log.astype(jnp.float32))  # (K, R)
+
+  x_h = xs.reshape(bsz, k_dirs, length, r_heads, head_dim)  # (B, K, L, R, Dh)
+  decay = jnp.exp(dt * a_head[:, None, :])[..., None, None]  # (B, K, L, R, 1, 1)
+  drive = (dt[..., None, None] * x_h[..., None]
+           * b_in[:, :, :, None, None, :])  # (B, K, L, R, Dh, N)
+  h = linear_recurrence(decay, drive, axis=2, impl=impl)  # (B, K, L, R, Dh, N)
+  y = jnp.einsum("bklrdn,bkln->bklrd", h, c_out).reshape(bsz, k_dirs, length, dim)
+  y = y + d_skip[None, :, None, :] * xs  # (B, K, L, D)
+
+  y = jnp.take_along_axis(y, jnp.asarray(inv)[None, :, :, None], axis=2)  # back to raster order
+  return y.sum(axis=1)  # (B, L, D)
+
+
+def selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths) -> np.ndarray:
+  """Plain float64 loop over (direction, step) of the same recurrence; a test reference."""
+  u = np.asarray(u, np.float64)
+  x_proj = np.asarray(x_proj, np.float64)
+  bsz, length, dim = u.shape
+  k_dirs, r_heads = np.shape(a_log)
+  n_state = (x_proj.shape[-1] - r_heads) // 2
+  head_dim = dim // r_heads
+  a_head = -np.exp(np.asarray(a_log, np.float64))
+  out = np.zeros((bsz, length, dim))
+  for k in range(k_dirs):
+    h = np.zeros((bsz, r_heads, head_dim, n_state))
+    for t in range(length):
+      p = paths[k][t]
+      x = u[:, p, :]  # (B, D)
+      z = x @ x_proj[k]  # (B, R+2N)
+      dt = np.logaddexp(0.0, z[:, :r_heads] + dt_bias[k])  # softplus, (B, R)
+      bb, cc = z[:, r_heads:r_heads + n_state], z[:, r_heads + n_state:]
+      xh = x.reshape(bsz, r_heads, head_dim)
+      h = (np.exp(dt * a_head[k])[:, :, None, None] * h
+           + dt[:, :, None, None] * xh[..., None] * bb[:, None, None, :])
+      y = np.einsum("brdn,bn->brd", h, cc).reshape(bsz, dim) + d_skip[k] * x
+      out[:, p, :] += y
+  return out

@@ -1,0 +1,237 @@
+"""The jitted train steps (teacher, student), the optimiser and the LR schedule (spec §5, §6).
+
+The model is split once (`nnx.split`) into a static graphdef and a pytree state; each step merges
+it back inside `jax.jit`. The train state is a pytree (params, batch_stats, opt_state, step, rng)
+that is donated to the step. The per-modality padded scene cubes live on the device and every
+step gathers its batch's patches from flat pixel indices, so the host sends only (B,) indices
+and (B,) labels per step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dpmamba_jax import masks as masks_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Everything the optimiser of one stage needs (spec §6.1-6.2)."""
+  lr: float                 # peak lr (3e-4)
+  warmup_init: float        # w0, the lr of update 0
+  lr_min: float             # cosine floor
+  warmup_steps: int         # W = warmup_epochs * steps_per_epoch
+  total_steps: int          # epochs * steps_per_epoch
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.05
+  grad_clip: float = 1.0
+
+
+def stage_optim_config(stage: str, *, lr: float, batch_size: int, steps_per_epoch: int,
+                       epochs: int, warmup_epochs: int, betas: tuple[float, float],
+                       eps: float, weight_decay: float, grad_clip: float) -> OptimConfig:
+  """The §6.2 settings of a stage.
+
+  Pretrain: w0 = 5e-7 * B / 512, lr_min = 5e-6 * B / 512 (the authors scale the TRAIN
+  defaults by the batch); distill: w0 = 5e-7, lr_min = 5e-6 (unscaled).
+  """
+  if stage == "pretrain":
+    w0, lr_min = 5e-7 * batch_size / 512, 5e-6 * batch_size / 512
+  elif stage == "distill":
+    w0, lr_min = 5e-7, 5e-6
+  else:
+    raise ValueError(f"stage must be 'pretrain' or 'distill', got {stage!r}")
+  total = int(epochs) * int(steps_per_epoch)
+  warm = min(int(warmup_epochs) * int(steps_per_epoch), total)
+  return OptimConfig(lr=float(lr), warmup_init=w0, lr_min=lr_min, warmup_steps=warm,
+                     total_steps=total, b1=float(betas[0]), b2=float(betas[1]), eps=float(eps),
+                     weight_decay=float(weight_decay), grad_clip=float(grad_clip))
+
+
+def warmup_cosine(lr_max: float, warmup_init: float, lr_min: float, warmup_steps: int,
+                  total_steps: int) -> optax.Schedule:
+  """Per-update lr: linear w0 -> lr_max over W updates, then one cosine to lr_min (spec §6.2).
+
+  lr(t) = w0 + t (lr_max - w0) / W for t < W; lr_min + (lr_max - lr_min)(1 + cos(pi (t-W)/T)) / 2
+  for W <= t < W + T with T = total - W; lr_min afterwards. Update t (0-based) uses lr(t): the
+  authors' off-by-one (updates 0 and 1 both at w0) is not copied.
+  """
+  w = int(warmup_steps)
+  t_cos = max(int(total_steps) - w, 1)
+
+  def schedule(count):
+    t = jnp.asarray(count, jnp.float32)
+    warm = warmup_init + t * (lr_max - warmup_init) / max(w, 1)
+    frac = jnp.clip((t - w) / t_cos, 0.0, 1.0)
+    cos = lr_min + 0.5 * (lr_max - lr_min) * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(t < w, warm, cos)
+
+  return schedule
+
+
+def make_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Global-norm clipping then AdamW on ALL parameters (the authors decay everything, §7.1.6)."""
+  sched = warmup_cosine(oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(oc.grad_clip),
+      optax.adamw(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay),
+  )
+  return tx, sched
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state.
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any            # nnx.State of nnx.Param
+  batch_stats: Any       # nnx.State of every other variable (BatchNorm running stats)
+  opt_state: Any
+  step: jax.Array        # () int32, number of updates done
+  rng: jax.Array         # (2,) uint32 raw PRNG key
+
+
+def split_model(model: nnx.Module):
+  """model -> (graphdef, params, rest); rest holds every non-Param variable."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                     rng: jax.Array) -> tuple[Any, TrainState]:
+  """Splits the model once and builds the initial TrainState. Returns (graphdef, state)."""
+  graphdef, params, rest = split_model(model)
+  state = TrainState(params=params, batch_stats=rest, opt_state=tx.init(params),
+                     step=jnp.zeros((), jnp.int32), rng=jnp.asarray(rng, jnp.uint32))
+  return graphdef, state
+
+
+def gather_batch(cubes: Sequence[jax.Array], idx: jax.Array, width: int,
+                 patch_size: int) -> list[jax.Array]:
+  """Per-modality (B, P, P, C_m) patches around flat pixel indices `idx` (B,)."""
+  from dpmamba_jax import data  # late import: keeps masks/optimiser importable on their own
+  return [data.gather_patches(c, idx, width, patch_size) for c in cubes]
+
+
+def _fresh(tree):
+  """New Variable objects at the current trace level, so the model may update them in place."""
+  return jax.tree.map(lambda x: x, tree)
+
+
+def _accuracy(v, labels, z):
+  from dpmamba_jax import losses
+  return jnp.mean((losses.predict(v, z) == labels).astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps.
+
+
+def make_teacher_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                      width: int, patch_size: int) -> Callable:
+  """Jitted pretraining step.
+
+  step(state, cubes, z, idx, labels) -> (state, metrics)
+    cubes: per-modality padded scene cubes (H+2r, W+2r, C_m); z: (C, D) text features;
+    idx: (B,) int32 flat pixel indices; labels: (B,) int32 0-based, class-sorted batch.
+  The state argument is donated.
+  """
+  from dpmamba_jax import losses
+
+  def step(state: TrainState, cubes, z, idx, labels):
+    rng, drop_key = jax.random.split(state.rng)
+    xs = gather_batch(cubes, idx, width, patch_size)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, _fresh(state.batch_stats))
+      v = model(xs, None, train=True, dropout_key=drop_key)  # (B, D)
+      loss, parts = losses.teacher_loss(v, labels, z)
+      _, _, new_rest = split_model(model)
+      return loss, (parts, new_rest, v)
+
+    (loss, (parts, new_rest, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(parts)
+    metrics.update(loss=loss, train_oa=_accuracy(v, labels, z), lr=schedule(state.step),
+                   grad_norm=optax.global_norm(grads))
+    new_state = state.replace(params=params, batch_stats=new_rest, opt_state=opt_state,
+                              step=state.step + 1, rng=rng)
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_student_step(graphdef, teacher_graphdef, tx: optax.GradientTransformation,
+                      schedule: optax.Schedule, *, width: int, patch_size: int,
+                      num_modalities: int, batch_size: int, distill: str = "tbd") -> Callable:
+  """Jitted distillation step.
+
+  step(state, teacher, cubes, z, idx, labels) -> (state, metrics)
+    teacher: (params, rest) of the frozen teacher, run in eval mode on the complete inputs
+    under stop_gradient; the student runs in train mode with masks from `sample_masks`
+    (every non-empty subset, tiled and shuffled). All student params (backbone, head,
+    prompts) are updated. The state argument is donated.
+  """
+  from dpmamba_jax import losses
+
+  def step(state: TrainState, teacher, cubes, z, idx, labels):
+    rng, drop_key, mask_key = jax.random.split(state.rng, 3)
+    xs = gather_batch(cubes, idx, width, patch_size)
+    t_params, t_rest = teacher
+    t_model = nnx.merge(teacher_graphdef, t_params, t_rest)
+    v_t = jax.lax.stop_gradient(t_model(xs, None, train=False))  # (B, D)
+    mask = masks_lib.sample_masks(mask_key, batch_size, num_modalities)  # (B, M)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, _fresh(state.batch_stats))
+      v_s = model(xs, mask, train=True, dropout_key=drop_key)  # (B, D)
+      loss, parts = losses.student_loss(v_s, v_t, labels, z, distill=distill)
+      _, _, new_rest = split_model(model)
+      return loss, (parts, new_rest, v_s)
+
+    (loss, (parts, new_rest, v_s)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(parts)
+    metrics.update(loss=loss, train_oa=_accuracy(v_s, labels, z), lr=schedule(state.step),
+                   grad_norm=optax.global_norm(grads))
+    new_state = state.replace(params=params, batch_stats=new_rest, opt_state=opt_state,
+                              step=state.step + 1, rng=rng)
+    return new_state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_predict_step(graphdef, *, width: int, patch_size: int) -> Callable:
+  """Jitted eval-mode inference on a fixed-size batch.
+
+  predict(params, rest, cubes, z, idx, mask) -> (b,) int32 class ids
+    idx: (b,) flat pixel indices; mask: (b, M) float32 (all ones = complete). Missing
+    modalities get zero-filled raw input (no effect in eval mode; the model puts the prompt,
+    or zeros for the teacher, in their feature slot). The mask is an input, not a static, so
+    there is one compile per batch shape for all scenarios.
+  """
+  from dpmamba_jax import losses
+
+  def predict(params, rest, cubes, z, idx, mask):
+    xs = gather_batch(cubes, idx, width, patch_size)
+    xs = [x * mask[:, m, None, None, None].astype(x.dtype) for m, x in enumerate(xs)]
+    model = nnx.merge(graphdef, params, rest)
+    v = model(xs, mask, train=False)
+    return losses.predict(v, z)
+
+  return jax.jit(predict)

@@ -1,0 +1,388 @@
+"""DPMamba model: config, parameter counts, init, masks/prompts, BatchNorm, dropout, jit, import."""
+import functools
+import json
+import os
+import sys
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dpmamba_jax import summary, torch_import
+from dpmamba_jax.errors import UserError
+from dpmamba_jax.model import (AttentionFusion, DPMamba, MaskedBatchNorm, ModelConfig,
+                               abstract_model, make_forward, param_count)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ------------------------------------------------------------------ config and parameter counts
+
+PINNED = [  # spec §8.1: (bands, P, teacher, student)
+    ((63, 1), 15, 147_526, 176_326),  # trento
+    ((48, 1), 11, 138_886, 154_374),  # houston, 48 PCs
+    ((48, 4), 9, 140_614, 150_982),  # augsburg HSI+SAR, 48 PCs
+    ((48, 4, 1), 9, 189_448, 205_000),  # hypothetical 3-modality augsburg
+]
+
+
+@pytest.mark.parametrize("bands,p,teacher,student", PINNED)
+def test_param_counts_pinned(bands, p, teacher, student):
+  cfg = ModelConfig(bands=bands, patch_size=p)
+  assert param_count(abstract_model(cfg)) == teacher
+  assert param_count(abstract_model(cfg.replace(prompts=True))) == student
+  counts = summary.component_counts(cfg.replace(prompts=True))
+  assert counts["total"] == student
+  assert counts["components"]["prompts"] == len(bands) * 64 * p * p
+  assert counts["block_detail"]["block.0.cross"] == 6_817 * (len(bands) >= 2)
+  assert counts["batch_stats"] == 2 * 64 * len(bands)  # running stats are not Params
+
+
+def test_for_dataset_and_registry():
+  spec = types.SimpleNamespace(model_bands=(48, 4), patch_size=9)
+  cfg = ModelConfig.for_dataset(spec, prompts=True)
+  assert (cfg.bands, cfg.patch_size, cfg.prompts) == ((48, 4), 9, True)
+  datasets = pytest.importorskip("dpmamba_jax.datasets")
+  for name, p, bands, (teacher, student) in [("trento", 15, (63, 1), PINNED[0][2:]),
+                                             ("houston", 11, (48, 1), PINNED[1][2:]),
+                                             ("augsburg", 9, (48, 4), PINNED[2][2:])]:
+    cfg = ModelConfig.for_dataset(datasets.get_spec(name))
+    assert (cfg.bands, cfg.patch_size) == (bands, p), name
+    res = summary.summarize(cfg)
+    assert (res["teacher"]["total"], res["student"]["total"]) == (teacher, student), name
+
+
+def test_config_validation_and_dict_roundtrip():
+  cfg = ModelConfig.tiny()
+  assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert hash(cfg) == hash(ModelConfig.from_dict(cfg.to_dict()))
+  for bad in [dict(hidden=15), dict(heads_per_direction=3), dict(bands=()),
+              dict(scan_impl="fast"), dict(af_dropout=1.0), dict(d_state=0)]:
+    with pytest.raises(UserError):
+      ModelConfig.tiny(**bad)
+  with pytest.raises(UserError, match="unknown|not ModelConfig"):
+    ModelConfig.from_dict({**cfg.to_dict(), "width": 3})
+
+
+def test_summary_cli(capsys):
+  assert summary.main(["--bands", "63,1", "--patch-size", "15", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["teacher"]["total"] == 147_526 and out["student"]["total"] == 176_326
+  assert out["teacher"]["components"]["embed.0"] == 36_608
+  assert out["teacher"]["components"]["head"] == 66_304
+  assert summary.main(["--bands", "48,x", "--patch-size", "9"]) == 2
+  assert "--bands" in capsys.readouterr().err
+
+
+def test_summary_cli_dataset(capsys):
+  pytest.importorskip("dpmamba_jax.datasets")
+  assert summary.main(["--dataset", "houston"]) == 0
+  text = capsys.readouterr().out
+  assert "138,886" in text and "154,374" in text
+
+
+# ------------------------------------------------------------------ init (spec §2.10)
+
+
+def test_init_distributions():
+  cfg = ModelConfig(bands=(63, 1), patch_size=15, prompts=True)
+  model = DPMamba(cfg, rngs=nnx.Rngs(1))
+  blk = model.blocks[0]
+  prompts = np.stack([np.asarray(p[...]) for p in model.prompts])
+  assert abs(prompts.std() - 1.0) < 0.02 and abs(prompts.mean()) < 0.02
+  head = np.asarray(model.head.kernel[...])
+  assert abs(head.std() - 0.02) < 0.001 and not np.any(model.head.bias[...])
+  conv = np.asarray(model.embed[0].conv.kernel[...])  # fan_in 63*9
+  bound = 1 / np.sqrt(63 * 9)
+  assert conv.shape == (3, 3, 63, 64) and np.abs(conv).max() <= bound and conv.std() > 0.5 * bound
+  assert blk.conv[0].kernel.shape == (3, 3, 2, 64) and blk.cross_conv.kernel.shape == (3, 3, 1, 64)
+  ssm = blk.ssm[0]
+  assert np.abs(ssm.x_proj[...]).max() <= 1 / 8 and np.abs(ssm.x_proj[...]).max() > 0.1
+  assert not np.any(ssm.a_log[...]) and np.all(ssm.d_skip[...] == 1)
+  dt = np.asarray(ssm.dt_bias[...])
+  assert dt.min() >= 0 and dt.max() < 0.1
+  bn = model.embed[0].bn
+  assert not np.any(bn.mean[...]) and np.all(bn.var[...] == 1) and np.all(bn.scale[...] == 1)
+  assert np.all(blk.ln1[0].scale[...] == 1) and not np.any(blk.ln1[0].bias[...])
+
+
+# ------------------------------------------------------------------ forward helpers
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
+def _run(graphdef, state, xs, mask, key, train=False):
+  """Pure forward returning (V, details, new_state)."""
+  model = nnx.merge(graphdef, state)
+  details = {}
+  v = model(xs, mask, train=train, dropout_key=key, details=details)
+  return v, details, nnx.state(model)
+
+
+def _inputs(cfg, bsz, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), cfg.num_modalities)
+  p = cfg.patch_size
+  return [jax.random.normal(k, (bsz, p, p, b)) + i for i, (k, b) in enumerate(zip(keys, cfg.bands))]
+
+
+@pytest.fixture(scope="module")
+def student():
+  cfg = ModelConfig.tiny(prompts=True)
+  model = DPMamba(cfg, rngs=nnx.Rngs(0))
+  # non-trivial running stats so that eval mode is not an identity BN
+  for e in model.embed:
+    e.bn.mean[...] = 0.1 * jnp.arange(cfg.hidden, dtype=jnp.float32) / cfg.hidden
+    e.bn.var[...] = jnp.linspace(0.5, 1.5, cfg.hidden)
+  return model
+
+
+def test_make_forward_no_retrace_and_matches_sequential(student):
+  cfg = student.cfg
+  fwd = make_forward(student, max_traces=1)
+  state = nnx.state(student)
+  mask = jnp.array([[1, 1], [0, 1], [1, 0], [1, 1]], jnp.float32)
+  v1 = fwd(state, _inputs(cfg, 4, 1), mask)
+  v2 = fwd(state, _inputs(cfg, 4, 2), mask)  # same shapes: no retrace (max_traces=1)
+  chex.assert_shape(v1, (4, cfg.out_dim))
+  assert not np.allclose(v1, v2)
+  seq = nnx.merge(nnx.graphdef(DPMamba(cfg.replace(scan_impl="sequential"), rngs=nnx.Rngs(0))),
+                  state)
+  with jax.default_matmul_precision("highest"):
+    v_seq, _, _ = _run(nnx.graphdef(seq), state, _inputs(cfg, 4, 1), mask, None)
+    v_ass, _, _ = _run(nnx.graphdef(student), state, _inputs(cfg, 4, 1), mask, None)
+  np.testing.assert_allclose(v_seq, v_ass, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_samples_independent_and_masks(student):
+  """Eval: each row depends only on its own sample (zero SSM state, no carried state);
+  a masked modality's input is ignored and replaced by the prompt."""
+  cfg = student.cfg
+  gd, state = nnx.split(student)
+  xs = _inputs(cfg, 4, 3)
+  mask = jnp.array([[1, 1], [0, 1], [1, 0], [1, 1]], jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    v, det, _ = _run(gd, state, xs, mask, None)
+    v_again, _, _ = _run(gd, state, xs, mask, None)
+    v_sub, _, _ = _run(gd, state, [x[1:3] for x in xs], mask[1:3], None)
+    # change the masked-out inputs: rows 1 (modality 0) and 2 (modality 1) must not move
+    xs2 = [xs[0].at[1].set(100.0), xs[1].at[2].set(-7.0)]
+    v2, _, _ = _run(gd, state, xs2, mask, None)
+    v_none, _, _ = _run(gd, state, xs, None, None)
+    v_ones, _, _ = _run(gd, state, xs, jnp.ones((4, 2)), None)
+  np.testing.assert_array_equal(v, v_again)
+  np.testing.assert_allclose(v[1:3], v_sub, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v2, v, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(v_ones, v_none, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(v[0], v_none[1], atol=1e-3)
+  np.testing.assert_array_equal(det["injected/m0"][1], student.prompts[0][...])
+  np.testing.assert_array_equal(det["injected/m1"][2], student.prompts[1][...])
+  np.testing.assert_array_equal(det["injected/m0"][0], det["embed/m0"][0])
+
+
+def test_teacher_uses_zeros_for_masked_modalities():
+  cfg = ModelConfig.tiny(depth=1)
+  teacher = DPMamba(cfg, rngs=nnx.Rngs(0))
+  gd, state = nnx.split(teacher)
+  xs = _inputs(cfg, 2)
+  _, det, _ = _run(gd, state, xs, jnp.array([[0, 1], [1, 1]]), None)
+  assert not np.any(det["injected/m0"][0]) and np.any(det["injected/m0"][1])
+
+
+def test_train_mode_batchnorm_update_and_dropout(student):
+  cfg = student.cfg
+  gd, state = nnx.split(student)
+  params_before = nnx.state(student, nnx.Param)
+  xs = _inputs(cfg, 4, 5)
+  mask = jnp.array([[1, 1], [0, 1], [1, 0], [1, 1]], jnp.float32)
+  k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+  va, _, new_state = _run(gd, state, xs, mask, k1, train=True)
+  vb, _, _ = _run(gd, state, xs, mask, k1, train=True)
+  vc, _, _ = _run(gd, state, xs, mask, k2, train=True)
+  ve, _, _ = _run(gd, state, xs, mask, None)
+  np.testing.assert_array_equal(va, vb)  # same key, same output
+  assert not np.allclose(va, vc)  # AF dropout depends on the key
+  assert not np.allclose(va, ve)
+  new = nnx.merge(gd, new_state)
+  assert not np.allclose(new.embed[0].bn.mean[...], student.embed[0].bn.mean[...])
+  chex.assert_trees_all_equal(nnx.state(new, nnx.Param), params_before)
+  with pytest.raises(ValueError, match="dropout_key"):
+    student(xs, mask, train=True)
+  with pytest.raises(UserError, match="modality 1"):
+    student([xs[0], xs[1][..., :1]])
+  with pytest.raises(UserError, match="mask"):
+    student(xs, jnp.ones((4, 3)))
+
+
+def test_af_dropout_zero_is_deterministic_in_train():
+  cfg = ModelConfig.tiny(af_dropout=0.0, depth=1)
+  model = DPMamba(cfg, rngs=nnx.Rngs(0))
+  gd, state = nnx.split(model)
+  xs = _inputs(cfg, 3)
+  v1, _, _ = _run(gd, state, xs, None, None, train=True)  # no key needed
+  v2, _, _ = _run(gd, state, xs, None, jax.random.PRNGKey(4), train=True)
+  np.testing.assert_array_equal(v1, v2)
+
+
+def test_gradients_flow_and_af_bias_cancels(student):
+  cfg = student.cfg
+  gd, params, rest = nnx.split(student, nnx.Param, ...)
+  xs = _inputs(cfg, 3, 6)
+
+  @jax.jit
+  def grads(params, mask):
+    def loss(p):
+      return jnp.sum(nnx.merge(gd, p, rest)(xs, mask) ** 2)
+    return jax.grad(loss)(params)
+
+  g = grads(params, jnp.array([[1, 1], [0, 1], [1, 1]], jnp.float32))
+  flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g)}
+  for path, arr in flat.items():
+    assert np.all(np.isfinite(arr)), path
+    if path[-2:] == ("score", "bias"):
+      np.testing.assert_allclose(arr, 0.0, atol=1e-4)  # spec §2.5: the bias cancels
+    else:
+      assert np.abs(arr).max() > 0, path
+  assert not np.any(flat[("prompts", 1)])  # modality 1 never masked -> prompt 1 unused
+
+
+# ------------------------------------------------------------------ layers
+
+
+def _bn_reference(x, present, mean0, var0, mom=0.1, eps=1e-5):
+  sel = x[present].reshape(-1, x.shape[-1]).astype(np.float64)
+  mu, var_b = sel.mean(0), sel.var(0)
+  var_u = sel.var(0, ddof=1)
+  y = (x - mu) / np.sqrt(var_b + eps)
+  return y, (1 - mom) * mean0 + mom * mu, (1 - mom) * var0 + mom * var_u
+
+
+def test_masked_batchnorm_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 3, 3, 4)).astype(np.float32) * 2 + 1
+  present = np.array([1, 0, 1, 1, 0], bool)
+  bn = MaskedBatchNorm(4)
+  bn.mean[...] = jnp.full((4,), 0.2)
+  bn.var[...] = jnp.full((4,), 0.8)
+  y = bn(jnp.asarray(x), jnp.asarray(present, jnp.float32), train=True)
+  y_ref, m_ref, v_ref = _bn_reference(x, present, 0.2, 0.8)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(bn.mean[...], m_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn.var[...], v_ref, rtol=1e-5, atol=1e-6)  # unbiased update
+  # masked samples do not influence the statistics, even NaN ones
+  bn2 = MaskedBatchNorm(4)
+  x_nan = x.copy()
+  x_nan[~present] = np.nan
+  bn2.mean[...], bn2.var[...] = jnp.full((4,), 0.2), jnp.full((4,), 0.8)
+  y2 = bn2(jnp.asarray(x_nan), jnp.asarray(present), train=True)
+  np.testing.assert_allclose(y2[present], y[present], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(bn2.var[...], bn.var[...], rtol=1e-6)
+  # mask None: every sample
+  bn3 = MaskedBatchNorm(4)
+  bn3(jnp.asarray(x), None, train=True)
+  np.testing.assert_allclose(bn3.mean[...], 0.1 * x.reshape(-1, 4).mean(0), rtol=1e-5, atol=1e-6)
+  # eval: running statistics
+  y_eval = bn(jnp.asarray(x), train=False)
+  np.testing.assert_allclose(y_eval, (x - m_ref) / np.sqrt(v_ref + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_batchnorm_no_sample_present():
+  bn = MaskedBatchNorm(3)
+  bn.mean[...], bn.var[...] = jnp.full((3,), 0.5), jnp.full((3,), 2.0)
+  x = jnp.ones((2, 2, 2, 3))
+  y = bn(x, jnp.zeros((2,)), train=True)
+  np.testing.assert_allclose(bn.mean[...], 0.5)
+  np.testing.assert_allclose(bn.var[...], 2.0)
+  np.testing.assert_allclose(y, (1 - 0.5) / np.sqrt(2.0 + 1e-5), rtol=1e-6)
+
+
+def test_attention_fusion_weights():
+  af = AttentionFusion(8, rngs=nnx.Rngs(0))
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 8))
+  np.testing.assert_allclose(af([z, z]), z, rtol=1e-6, atol=1e-6)  # weights sum to 1
+  z2 = z + 1.0
+  w1 = jax.nn.sigmoid(af.score(z) - af.score(z2))  # n = 2: sigmoid of the score difference
+  np.testing.assert_allclose(af([z, z2]), w1 * z + (1 - w1) * z2, rtol=1e-5, atol=1e-6)
+  # dropout: each weight is either 0 or w / (1 - p)
+  ones = jnp.ones((1, 4, 4, 8))
+  out = af([ones, ones], rate=0.3, key=jax.random.PRNGKey(1))[..., 0]  # sum of kept weights
+  vals = np.unique(np.round(np.asarray(out), 5))
+  assert set(vals.tolist()) <= {0.0, round(0.5 / 0.7, 5), round(1 / 0.7, 5)}
+  assert len(vals) >= 2
+
+
+@pytest.mark.parametrize("bands", [(5,), (4, 2, 1)])
+def test_other_modality_counts(bands):
+  cfg = ModelConfig.tiny(bands=bands, depth=1, prompts=True)
+  model = DPMamba(cfg, rngs=nnx.Rngs(0))
+  v = make_forward(model)(nnx.state(model), _inputs(cfg, 2),
+                          jnp.ones((2, len(bands))).at[0, 0].set(0))
+  chex.assert_shape(v, (2, cfg.out_dim))
+  assert np.all(np.isfinite(v))
+  assert hasattr(model.blocks[0], "cross_af") == (len(bands) >= 2)
+
+
+# ------------------------------------------------------------------ torch import
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig.tiny(prompts=True),
+    ModelConfig.tiny(bands=(3,), depth=1, d_state=2, heads_per_direction=2),
+    ModelConfig.tiny(bands=(4, 2, 1), depth=3, prompts=True, out_dim=8),
+], ids=["m2", "m1_n2", "m3"])
+def test_torch_roundtrip(cfg):
+  model = DPMamba(cfg, rngs=nnx.Rngs(3))
+  sd = torch_import.export_state_dict(model)
+  assert sd["patch_embedding.0.0.weight"].shape == (cfg.hidden, cfg.bands[0], 3, 3)
+  assert sd["project.head.weight"].shape == (cfg.out_dim, cfg.hidden * cfg.num_modalities)
+  sd = {"teacher/" + k: v for k, v in sd.items()}
+  back, cfg2 = torch_import.import_state_dict(sd, prefix="teacher/", patch_size=cfg.patch_size)
+  assert cfg2 == cfg
+  chex.assert_trees_all_equal(nnx.state(back), nnx.state(model))
+
+
+def test_torch_import_errors():
+  cfg = ModelConfig.tiny(prompts=True)
+  sd = torch_import.export_state_dict(DPMamba(cfg, rngs=nnx.Rngs(0)))
+  key = "Modality_Aware_Mamba.1.Conv2D.0.0.weight"
+  with pytest.raises(UserError, match=f"missing key '{key}'"):
+    torch_import.import_state_dict({k: v for k, v in sd.items() if k != key})
+  with pytest.raises(UserError, match="unexpected key 'extra.weight'"):
+    torch_import.import_state_dict({**sd, "extra.weight": np.zeros(3, np.float32)})
+  bad = dict(sd)
+  bad[key] = bad[key][:, :1]
+  with pytest.raises(UserError, match=r"'Modality_Aware_Mamba\.1\.Conv2D\.0\.0\.weight' has "
+                     r"shape \(16, 1, 3, 3\), expected \(16, 2, 3, 3\)"):
+    torch_import.import_state_dict(bad)
+  with pytest.raises(UserError, match="--patch-size"):
+    torch_import.import_state_dict({k: v for k, v in sd.items() if "prompt" not in k})
+  with pytest.raises(UserError, match="prefix"):
+    torch_import.import_state_dict(sd, prefix="student/")
+
+
+def test_import_tool(tmp_path, capsys):
+  checkpoint = pytest.importorskip("dpmamba_jax.checkpoint")
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  try:
+    import import_torch_checkpoint as tool
+  finally:
+    sys.path.pop(0)
+  cfg = ModelConfig.tiny(prompts=True, depth=1)
+  model = DPMamba(cfg, rngs=nnx.Rngs(5))
+  sd = torch_import.export_state_dict(model)
+  sd["Modality_Aware_Mamba.0.IMSM.0.initial_state"] += 1.0  # dropped, with a note
+  npz = tmp_path / "weights.npz"
+  np.savez(npz, **{"student/" + k: v for k, v in sd.items()})
+  out = tmp_path / "ckpt"
+  assert tool.main([str(npz), str(out)]) == 0
+  assert "initial_state" in capsys.readouterr().err
+  loaded, cfg2, meta = checkpoint.load_model(str(out))
+  assert cfg2 == cfg and meta["prefix"] == "student/"
+  chex.assert_trees_all_equal(nnx.state(loaded), nnx.state(model))
+  assert tool.main([str(npz), str(out)]) == 2  # exists, no --overwrite
+  assert tool.main([str(tmp_path / "missing.npz"), str(tmp_path / "x")]) == 2
+  obj = tmp_path / "obj.npz"
+  np.savez(obj, a=np.array([{"x": 1}], dtype=object))
+  assert tool.main([str(obj), str(tmp_path / "y")]) == 2  # needs pickle: refused
+  assert "pickle" in capsys.readouterr().err

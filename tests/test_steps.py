@@ -1,0 +1,153 @@
+"""Tests for steps.py: LR schedule, optimiser, and the jitted teacher / student / predict steps."""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dpmamba_jax import data, steps
+from dpmamba_jax import model as model_lib
+
+
+def ref_lr(t, lr_max, w0, lr_min, w, total):
+  """Numpy reference of spec §6.2 (without the authors' off-by-one)."""
+  if t < w:
+    return w0 + t * (lr_max - w0) / w
+  tt = t - w
+  t_cos = total - w
+  if tt >= t_cos:
+    return lr_min
+  return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * tt / t_cos))
+
+
+def test_schedule_matches_reference_trento():
+  oc = steps.stage_optim_config("pretrain", lr=3e-4, batch_size=120, steps_per_epoch=2,
+                                epochs=500, warmup_epochs=30, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=0.05, grad_clip=1.0)
+  assert oc.warmup_steps == 60 and oc.total_steps == 1000
+  assert oc.warmup_init == pytest.approx(1.171875e-7) and oc.lr_min == pytest.approx(1.171875e-6)
+  sched = steps.warmup_cosine(oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps)
+  for t in [0, 1, 2, 30, 59, 60, 61, 500, 999, 1000, 1500]:
+    want = ref_lr(t, 3e-4, oc.warmup_init, oc.lr_min, 60, 1000)
+    assert float(sched(t)) == pytest.approx(want, rel=1e-5, abs=1e-12), t
+  assert float(sched(0)) != pytest.approx(float(sched(1)))  # no off-by-one copy
+
+
+def test_distill_schedule_unscaled():
+  oc = steps.stage_optim_config("distill", lr=3e-4, batch_size=150, steps_per_epoch=4,
+                                epochs=500, warmup_epochs=30, betas=(0.85, 0.999), eps=1e-8,
+                                weight_decay=0.05, grad_clip=2.0)
+  assert (oc.warmup_init, oc.lr_min, oc.b1, oc.warmup_steps) == (5e-7, 5e-6, 0.85, 120)
+  with pytest.raises(ValueError):
+    steps.stage_optim_config("other", lr=1, batch_size=1, steps_per_epoch=1, epochs=1,
+                             warmup_epochs=0, betas=(0.9, 0.9), eps=1e-8, weight_decay=0,
+                             grad_clip=1)
+
+
+def test_optimizer_clip_then_adamw_matches_numpy():
+  oc = steps.OptimConfig(lr=1e-2, warmup_init=1e-2, lr_min=1e-2, warmup_steps=0, total_steps=10,
+                         b1=0.8, b2=0.9, eps=1e-8, weight_decay=0.05, grad_clip=1.0)
+  tx, _ = steps.make_optimizer(oc)
+  p = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])}
+  g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}  # global norm 13 -> scaled by 1/13
+  st = tx.init(p)
+  upd, st = tx.update(g, st, p)
+  new = optax.apply_updates(p, upd)
+  for k in p:
+    gk = np.asarray(g[k]) / 13.0
+    m = (1 - 0.8) * gk / (1 - 0.8)
+    v = (1 - 0.9) * gk**2 / (1 - 0.9)
+    want = np.asarray(p[k]) - 1e-2 * (m / (np.sqrt(v) + 1e-8) + 0.05 * np.asarray(p[k]))
+    np.testing.assert_allclose(np.asarray(new[k]), want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps on a tiny model and scene.
+
+H, W, P, C, K = 8, 8, 3, 3, 4  # scene, patch, classes, samples per class
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  cubes = [rng.normal(size=(H, W, 4)).astype(np.float32),
+           rng.normal(size=(H, W, 2)).astype(np.float32)]
+  padded = [jnp.asarray(c) for c in data.pad_cubes(cubes, P)]
+  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
+  idx = jnp.asarray(rng.choice(H * W, C * K, replace=False).astype(np.int32))
+  labels = jnp.asarray(np.repeat(np.arange(C), K).astype(np.int32))  # class-sorted
+  cfg = model_lib.ModelConfig.tiny(bands=(4, 2), patch_size=P, depth=1, hidden=8, out_dim=8)
+  oc = steps.OptimConfig(lr=3e-3, warmup_init=3e-3, lr_min=3e-3, warmup_steps=0, total_steps=100,
+                         weight_decay=0.0, grad_clip=1.0)
+  return dict(padded=padded, z=z, idx=idx, labels=labels, cfg=cfg, oc=oc)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_teacher_step_learns_and_updates_batch_stats(setup):
+  s = setup
+  model = model_lib.DPMamba(s["cfg"], rngs=nnx.Rngs(0))
+  tx, sched = steps.make_optimizer(s["oc"])
+  graphdef, state = steps.init_train_state(model, tx, jax.random.PRNGKey(0))
+  bs0 = _leaves(state.batch_stats)
+  state = state.replace(params=jax.tree.map(jnp.copy, state.params),
+                        batch_stats=jax.tree.map(jnp.copy, state.batch_stats))
+  step = steps.make_teacher_step(graphdef, tx, sched, width=W, patch_size=P)
+  losses = []
+  for _ in range(6):
+    state, m = step(state, s["padded"], s["z"], s["idx"], s["labels"])
+    losses.append(float(m["loss"]))
+  assert step._cache_size() == 1  # one compile
+  assert int(state.step) == 6
+  assert losses[-1] < losses[0]
+  assert set(m) >= {"loss", "clip", "train_oa", "lr", "grad_norm"}
+  assert float(m["lr"]) == pytest.approx(3e-3)
+  assert any(not np.allclose(a, b) for a, b in zip(bs0, _leaves(state.batch_stats)))
+
+
+def test_student_step_trains_prompts_not_teacher(setup):
+  s = setup
+  teacher = model_lib.DPMamba(s["cfg"], rngs=nnx.Rngs(0))
+  student = model_lib.DPMamba(s["cfg"].replace(prompts=True), rngs=nnx.Rngs(1))
+  nnx.update(student, jax.tree.map(jnp.copy, nnx.state(teacher)))
+  prompts0 = _leaves(nnx.state(student, nnx.Param)["prompts"])
+  t_graphdef, t_params, t_rest = steps.split_model(teacher)
+  t_before = _leaves((t_params, t_rest))
+  tx, sched = steps.make_optimizer(s["oc"])
+  graphdef, state = steps.init_train_state(student, tx, jax.random.PRNGKey(0))
+  step = steps.make_student_step(graphdef, t_graphdef, tx, sched, width=W, patch_size=P,
+                                 num_modalities=2, batch_size=C * K)
+  for _ in range(2):
+    state, m = step(state, (t_params, t_rest), s["padded"], s["z"], s["idx"], s["labels"])
+  assert step._cache_size() == 1
+  assert set(m) >= {"clip", "relation", "feature", "tbd", "loss", "train_oa"}
+  for a, b in zip(t_before, _leaves((t_params, t_rest))):
+    np.testing.assert_array_equal(a, b)  # frozen teacher untouched
+  prompts1 = _leaves(state.params["prompts"])
+  assert all(not np.allclose(a, b) for a, b in zip(prompts0, prompts1))  # wd = 0: gradients
+
+
+def test_predict_step_masks_are_an_input(setup):
+  s = setup
+  model = model_lib.DPMamba(s["cfg"].replace(prompts=True), rngs=nnx.Rngs(2))
+  graphdef, params, rest = steps.split_model(model)
+  pred = steps.make_predict_step(graphdef, width=W, patch_size=P)
+  b = s["idx"].shape[0]
+  outs = []
+  for row in ([1, 1], [0, 1], [1, 0]):
+    mask = jnp.asarray(np.tile(np.array(row, np.float32), (b, 1)))
+    out = pred(params, rest, s["padded"], s["z"], s["idx"], mask)
+    chex.assert_shape(out, (b,))
+    outs.append(np.asarray(out))
+  assert pred._cache_size() == 1
+  # Complete == the model's own eval forward with mask None.
+  xs = steps.gather_batch(s["padded"], s["idx"], W, P)
+  from dpmamba_jax import losses
+  want = np.asarray(losses.predict(model(xs, None), s["z"]))
+  np.testing.assert_array_equal(outs[0], want)
