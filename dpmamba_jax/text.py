@@ -662,7 +662,7 @@ def encode_texts(texts: Sequence[str], encoder: str | None = None, *, clip_weigh
     digest = None
     weights_id = "random:" + json.dumps(_RANDOM_DIMS, sort_keys=True) + f":seed{_RANDOM_SEED}"
   key = cache_key(name, weights_id, texts)
-  path = os.path.join(cache_dir or default_cache_dir(), f"{name}-{key[:24]}.npz")
+  path = os.path.join(os.path.expanduser(cache_dir or default_cache_dir()), f"{name}-{key[:24]}.npz")
   feats = _read_cache(path, texts)
   hit = feats is not None
   if feats is None:
