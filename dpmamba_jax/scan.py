@@ -60,6 +60,44 @@ def inverse_paths(paths: np.ndarray) -> np.ndarray:
   return inv.astype(np.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _path_ops(paths_bytes: bytes, k_dirs: int, length: int):
+  """(gather, merge) for fixed paths, each the other's transpose, both done with gathers.
+
+  gather: (B, L, D) -> (B, K, L, D), xs[:, k, t] = u[:, paths[k, t]].
+  merge:  (B, K, L, D) -> (B, L, D), out[:, p] = sum_k y[:, k, inv[k, p]].
+  Custom VJPs keep the backward pass a gather too (XLA's scatter-add is slow on CPU and gets
+  constant-folded at compile time for fixed indices).
+  """
+  paths = np.frombuffer(paths_bytes, np.int32).reshape(k_dirs, length)
+  if not np.all(np.sort(paths, axis=1) == np.arange(length)):
+    raise ValueError(f"every scan path must be a permutation of range({length})")
+  inv = inverse_paths(paths)
+  flat_paths = paths.reshape(-1)  # (K*L,) numpy: a compile-time constant
+  flat_inv = (inv + np.arange(k_dirs)[:, None] * length).reshape(-1)  # (K*L,)
+
+  def gather_impl(u):
+    b, _, d = u.shape
+    return jnp.take(u, flat_paths, axis=1).reshape(b, k_dirs, length, d)
+
+  def merge_impl(y):
+    b, _, _, d = y.shape
+    y = jnp.take(y.reshape(b, k_dirs * length, d), flat_inv, axis=1)
+    return y.reshape(b, k_dirs, length, d).sum(axis=1)
+
+  gather = jax.custom_vjp(gather_impl)
+  gather.defvjp(lambda u: (gather_impl(u), None), lambda _, g: (merge_impl(g),))
+  merge = jax.custom_vjp(merge_impl)
+  merge.defvjp(lambda y: (merge_impl(y), None), lambda _, g: (gather_impl(g),))
+  return gather, merge
+
+
+def path_ops(paths: np.ndarray):
+  """Cached (gather, merge) functions for a (K, L) path array; see `_path_ops`."""
+  paths = np.ascontiguousarray(paths, np.int32)
+  return _path_ops(paths.tobytes(), *paths.shape)
+
+
 def _combine(left, right):
   """Composition of h -> a h + b maps: applying `left` then `right`."""
   a_l, b_l = left
@@ -67,15 +105,56 @@ def _combine(left, right):
   return a_l * a_r, a_r * b_l + b_r
 
 
+def _assoc_scan(a, b, axis, reverse=False):
+  _, h = jax.lax.associative_scan(_combine, (a, b), axis=axis, reverse=reverse)
+  return h
+
+
+def _shift(x, axis, step):
+  """Shift along axis by `step` (+1: x[t-1] at t, -1: x[t+1] at t), zero-filled."""
+  n = x.shape[axis]
+  pad = [(0, 0)] * x.ndim
+  if step > 0:
+    pad[axis] = (1, 0)
+    return jnp.pad(jax.lax.slice_in_dim(x, 0, n - 1, axis=axis), pad)
+  pad[axis] = (0, 1)
+  return jnp.pad(jax.lax.slice_in_dim(x, 1, n, axis=axis), pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linrec_associative(a, b, axis):
+  return _assoc_scan(a, b, axis)
+
+
+def _linrec_fwd(a, b, axis):
+  h = _assoc_scan(a, b, axis)
+  return h, (a, h)
+
+
+def _linrec_bwd(axis, res, g):
+  # The adjoint of a linear recurrence is the same recurrence run backwards:
+  # lam_t = g_t + a_{t+1} lam_{t+1};  dL/db_t = lam_t;  dL/da_t = lam_t * h_{t-1}.
+  a, h = res
+  lam = _assoc_scan(_shift(a, axis, -1), g, axis, reverse=True)
+  grad_a = lam * _shift(h, axis, +1)
+  bcast = tuple(i for i, (na, nb) in enumerate(zip(a.shape, grad_a.shape)) if na == 1 and nb != 1)
+  return grad_a.sum(axis=bcast, keepdims=True).astype(a.dtype), lam
+
+
+_linrec_associative.defvjp(_linrec_fwd, _linrec_bwd)
+
+
 def linear_recurrence(a: jax.Array, b: jax.Array, *, axis: int, impl: str = "associative") -> jax.Array:
   """h_t = a_t * h_{t-1} + b_t along `axis` with h_{-1} = 0.
 
-  `a` must broadcast against `b` (it may have size-1 trailing axes); the result has b's shape.
-  impl "associative" uses one jax.lax.associative_scan, "sequential" a lax.scan (reference).
+  `a` must broadcast against `b` (same rank; it may have size-1 axes); the result has b's shape.
+  impl "associative" uses one jax.lax.associative_scan (and one reversed scan for the gradient,
+  via a custom VJP); "sequential" a lax.scan (reference).
   """
   if impl == "associative":
-    _, h = jax.lax.associative_scan(_combine, (a, b), axis=axis)
-    return h
+    if a.ndim != b.ndim:
+      raise ValueError(f"a {a.shape} and b {b.shape} must have the same rank")
+    return _linrec_associative(a, b, axis % b.ndim)
   if impl == "sequential":
     a_t = jnp.moveaxis(jnp.broadcast_to(a, b.shape), axis, 0)
     b_t = jnp.moveaxis(b, axis, 0)
@@ -106,15 +185,14 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
   Returns:
     (B, L, D) float32: sum over directions of the outputs, in raster order.
   """
-  paths = np.asarray(paths)
-  inv = inverse_paths(paths)
+  gather, merge = path_ops(paths)
   bsz, length, dim = u.shape
   k_dirs, r_heads = a_log.shape
   n_state = (x_proj.shape[-1] - r_heads) // 2
   head_dim = dim // r_heads
   u = u.astype(jnp.float32)
 
-  xs = jnp.take(u, jnp.asarray(paths), axis=1)  # (B, K, L, D)
+  xs = gather(u)  # (B, K, L, D)
   z = jnp.einsum("bkld,kde->bkle", xs, x_proj.astype(jnp.float32))  # (B, K, L, R+2N)
   dt = jax.nn.softplus(z[..., :r_heads] + dt_bias[:, None, :])  # (B, K, L, R)
   b_in = z[..., r_heads:r_heads + n_state]  # (B, K, L, N)
@@ -126,11 +204,11 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
   drive = (dt[..., None, None] * x_h[..., None]
            * b_in[:, :, :, None, None, :])  # (B, K, L, R, Dh, N)
   h = linear_recurrence(decay, drive, axis=2, impl=impl)  # (B, K, L, R, Dh, N)
-  y = jnp.einsum("bklrdn,bkln->bklrd", h, c_out).reshape(bsz, k_dirs, length, dim)
+  # contraction over N as multiply + sum: a dot_general with B*K*L batch dims is slow on CPU
+  y = (h * c_out[:, :, :, None, None, :]).sum(axis=-1).reshape(bsz, k_dirs, length, dim)
   y = y + d_skip[None, :, None, :] * xs  # (B, K, L, D)
 
-  y = jnp.take_along_axis(y, jnp.asarray(inv)[None, :, :, None], axis=2)  # back to raster order
-  return y.sum(axis=1)  # (B, L, D)
+  return merge(y)  # back to raster order, summed over directions: (B, L, D)
 
 
 def selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths) -> np.ndarray:

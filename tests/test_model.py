@@ -129,7 +129,7 @@ def _inputs(cfg, bsz, seed=0):
 
 @pytest.fixture(scope="module")
 def student():
-  cfg = ModelConfig.tiny(prompts=True)
+  cfg = ModelConfig.tiny(prompts=True, depth=1)
   model = DPMamba(cfg, rngs=nnx.Rngs(0))
   # non-trivial running stats so that eval mode is not an identity BN
   for e in model.embed:
@@ -149,10 +149,8 @@ def test_make_forward_no_retrace_and_matches_sequential(student):
   assert not np.allclose(v1, v2)
   seq = nnx.merge(nnx.graphdef(DPMamba(cfg.replace(scan_impl="sequential"), rngs=nnx.Rngs(0))),
                   state)
-  with jax.default_matmul_precision("highest"):
-    v_seq, _, _ = _run(nnx.graphdef(seq), state, _inputs(cfg, 4, 1), mask, None)
-    v_ass, _, _ = _run(nnx.graphdef(student), state, _inputs(cfg, 4, 1), mask, None)
-  np.testing.assert_allclose(v_seq, v_ass, rtol=1e-4, atol=1e-5)
+  v_seq, _, _ = _run(nnx.graphdef(seq), state, _inputs(cfg, 4, 1), mask, None)
+  np.testing.assert_allclose(v_seq, v1, rtol=1e-4, atol=1e-5)
 
 
 def test_eval_samples_independent_and_masks(student):
@@ -162,15 +160,14 @@ def test_eval_samples_independent_and_masks(student):
   gd, state = nnx.split(student)
   xs = _inputs(cfg, 4, 3)
   mask = jnp.array([[1, 1], [0, 1], [1, 0], [1, 1]], jnp.float32)
-  with jax.default_matmul_precision("highest"):
-    v, det, _ = _run(gd, state, xs, mask, None)
-    v_again, _, _ = _run(gd, state, xs, mask, None)
-    v_sub, _, _ = _run(gd, state, [x[1:3] for x in xs], mask[1:3], None)
-    # change the masked-out inputs: rows 1 (modality 0) and 2 (modality 1) must not move
-    xs2 = [xs[0].at[1].set(100.0), xs[1].at[2].set(-7.0)]
-    v2, _, _ = _run(gd, state, xs2, mask, None)
-    v_none, _, _ = _run(gd, state, xs, None, None)
-    v_ones, _, _ = _run(gd, state, xs, jnp.ones((4, 2)), None)
+  v, det, _ = _run(gd, state, xs, mask, None)
+  v_again, _, _ = _run(gd, state, xs, mask, None)
+  v_sub, _, _ = _run(gd, state, [x[1:3] for x in xs], mask[1:3], None)
+  # change the masked-out inputs: rows 1 (modality 0) and 2 (modality 1) must not move
+  xs2 = [xs[0].at[1].set(100.0), xs[1].at[2].set(-7.0)]
+  v2, _, _ = _run(gd, state, xs2, mask, None)
+  v_none, _, _ = _run(gd, state, xs, None, None)
+  v_ones, _, _ = _run(gd, state, xs, jnp.ones((4, 2)), None)
   np.testing.assert_array_equal(v, v_again)
   np.testing.assert_allclose(v[1:3], v_sub, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(v2, v, rtol=1e-6, atol=1e-6)
@@ -179,15 +176,6 @@ def test_eval_samples_independent_and_masks(student):
   np.testing.assert_array_equal(det["injected/m0"][1], student.prompts[0][...])
   np.testing.assert_array_equal(det["injected/m1"][2], student.prompts[1][...])
   np.testing.assert_array_equal(det["injected/m0"][0], det["embed/m0"][0])
-
-
-def test_teacher_uses_zeros_for_masked_modalities():
-  cfg = ModelConfig.tiny(depth=1)
-  teacher = DPMamba(cfg, rngs=nnx.Rngs(0))
-  gd, state = nnx.split(teacher)
-  xs = _inputs(cfg, 2)
-  _, det, _ = _run(gd, state, xs, jnp.array([[0, 1], [1, 1]]), None)
-  assert not np.any(det["injected/m0"][0]) and np.any(det["injected/m0"][1])
 
 
 def test_train_mode_batchnorm_update_and_dropout(student):
@@ -215,16 +203,6 @@ def test_train_mode_batchnorm_update_and_dropout(student):
     student(xs, jnp.ones((4, 3)))
 
 
-def test_af_dropout_zero_is_deterministic_in_train():
-  cfg = ModelConfig.tiny(af_dropout=0.0, depth=1)
-  model = DPMamba(cfg, rngs=nnx.Rngs(0))
-  gd, state = nnx.split(model)
-  xs = _inputs(cfg, 3)
-  v1, _, _ = _run(gd, state, xs, None, None, train=True)  # no key needed
-  v2, _, _ = _run(gd, state, xs, None, jax.random.PRNGKey(4), train=True)
-  np.testing.assert_array_equal(v1, v2)
-
-
 def test_gradients_flow_and_af_bias_cancels(student):
   cfg = student.cfg
   gd, params, rest = nnx.split(student, nnx.Param, ...)
@@ -240,6 +218,8 @@ def test_gradients_flow_and_af_bias_cancels(student):
   flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(g)}
   for path, arr in flat.items():
     assert np.all(np.isfinite(arr)), path
+    if path == ("prompts", 1):
+      continue
     if path[-2:] == ("score", "bias"):
       np.testing.assert_allclose(arr, 0.0, atol=1e-4)  # spec §2.5: the bias cancels
     else:
@@ -307,20 +287,43 @@ def test_attention_fusion_weights():
   # dropout: each weight is either 0 or w / (1 - p)
   ones = jnp.ones((1, 4, 4, 8))
   out = af([ones, ones], rate=0.3, key=jax.random.PRNGKey(1))[..., 0]  # sum of kept weights
-  vals = np.unique(np.round(np.asarray(out), 5))
-  assert set(vals.tolist()) <= {0.0, round(0.5 / 0.7, 5), round(1 / 0.7, 5)}
-  assert len(vals) >= 2
+  allowed = np.array([0.0, 0.5 / 0.7, 1 / 0.7])
+  assert np.all(np.isclose(np.asarray(out)[..., None], allowed, atol=1e-5).any(-1))
+  assert len(np.unique(np.round(np.asarray(out), 4))) >= 2
+  np.testing.assert_array_equal(af([ones, ones], rate=0.0, key=jax.random.PRNGKey(1)), ones)
 
 
-@pytest.mark.parametrize("bands", [(5,), (4, 2, 1)])
-def test_other_modality_counts(bands):
-  cfg = ModelConfig.tiny(bands=bands, depth=1, prompts=True)
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_conv3x3_matches_grouped_lax_conv(groups):
+  """Conv3x3 runs grouped convs as a dense block-diagonal conv; same values and gradients."""
+  from dpmamba_jax.model import Conv3x3
+  conv = Conv3x3(8, 8, groups, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 8))
+  ref = lambda k, x: jax.lax.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=groups)
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(conv(x), ref(conv.kernel[...], x) + conv.bias[...], atol=1e-5)
+    g_ref = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(ref(k, x)))))(conv.kernel[...])
+    gd, params = nnx.split(conv)
+    g_mine = jax.jit(jax.grad(
+        lambda p: jnp.sum(jnp.sin(nnx.merge(gd, p)(x) - conv.bias[...]))))(params)
+  np.testing.assert_allclose(g_mine["kernel"][...], g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bands,prompts", [((5,), True), ((4, 2, 1), False)])
+def test_other_modality_counts(bands, prompts):
+  """M = 1 (no cross branch) and M = 3; the teacher puts zeros in masked slots."""
+  cfg = ModelConfig.tiny(bands=bands, depth=1, prompts=prompts)
   model = DPMamba(cfg, rngs=nnx.Rngs(0))
-  v = make_forward(model)(nnx.state(model), _inputs(cfg, 2),
-                          jnp.ones((2, len(bands))).at[0, 0].set(0))
+  mask = jnp.ones((2, len(bands))).at[0, 0].set(0)
+  v, det, _ = _run(*nnx.split(model), _inputs(cfg, 2), mask, None)
   chex.assert_shape(v, (2, cfg.out_dim))
   assert np.all(np.isfinite(v))
   assert hasattr(model.blocks[0], "cross_af") == (len(bands) >= 2)
+  fill = model.prompts[0][...] if prompts else np.zeros_like(det["injected/m0"][0])
+  np.testing.assert_array_equal(det["injected/m0"][0], fill)
+  np.testing.assert_array_equal(det["injected/m0"][1], det["embed/m0"][1])
 
 
 # ------------------------------------------------------------------ torch import
