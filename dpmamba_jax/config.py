@@ -28,7 +28,7 @@ class RunConfig:
   workdir: Optional[str] = None          # default runs/<dataset>/seed<seed>
   seed: int = 0
   stage: str = "all"                     # all | pretrain | distill
-  teacher_ckpt: Optional[str] = None     # distill from this save_model dir (default <workdir>/teacher)
+  teacher_ckpt: Optional[str] = None     # teacher save_model dir (default <workdir>/teacher)
   # Data.
   split_file: Optional[str] = None       # official_split.npz-style maps or a saved split.npz
   include_train_in_test: bool = False    # the authors test on all labelled pixels (spec §7.1.2)
@@ -193,6 +193,9 @@ def resolve(overrides: dict) -> tuple[RunConfig, Any]:
     e = min(d["epochs_pretrain"], d["epochs_distill"])
     d["warmup_epochs"] = (spec.warmup_epochs if e == spec.epochs
                           else int(round(spec.warmup_epochs * e / spec.epochs)))
+  for k in ("data_dir", "split_file", "teacher_ckpt", "clip_weights"):
+    if d.get(k):  # absolute, so that `evaluate` and resumes work from any directory
+      d[k] = os.path.abspath(os.path.expanduser(d[k]))
   if d.get("workdir") is None:
     d["workdir"] = os.path.join("runs", spec.name, f"seed{d.get('seed', 0)}")
   cfg = RunConfig(**d)

@@ -182,7 +182,7 @@ def markdown_table(metrics: dict, modalities: Sequence[str], title: str = "") ->
 
 
 def summarize_runs(runs: Sequence[dict]) -> dict:
-  """Mean ± std (population std, ddof=0) over runs of OA, AA, kappa and per-class accuracy."""
+  """Mean ± std over runs (sample std, ddof=1; 0 for one run) of OA, AA, kappa, per-class."""
   if not runs:
     raise ValueError("no runs to summarize")
   out: dict[str, Any] = {"dataset": runs[0]["dataset"], "seeds": [r["seed"] for r in runs],
@@ -194,17 +194,21 @@ def summarize_runs(runs: Sequence[dict]) -> dict:
       entry = {}
       for k in METRIC_KEYS:
         a = np.array([v[k] for v in vals], np.float64)
-        entry[k] = {"mean": float(a.mean()), "std": float(a.std())}
+        entry[k] = {"mean": float(a.mean()), "std": _std(a)}
       pc = np.array([[np.nan if x is None else x for x in v["per_class"]] for v in vals])
       with np.errstate(invalid="ignore"):
         entry["per_class"] = [{"mean": float(np.nanmean(c)) if np.any(~np.isnan(c)) else None,
-                               "std": float(np.nanstd(c)) if np.any(~np.isnan(c)) else None}
+                               "std": _std(c[~np.isnan(c)]) if np.any(~np.isnan(c)) else None}
                               for c in pc.T]
       out[key][name] = entry
   wall = [r.get("wall_time_s", {}) for r in runs]
   out["wall_time_s"] = {k: float(sum(w.get(k, 0.0) for w in wall)) for k in
                         ("pretrain", "distill", "evaluate")}
   return out
+
+
+def _std(a: np.ndarray) -> float:
+  return float(np.std(a, ddof=1)) if a.size > 1 else 0.0
 
 
 def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> None:

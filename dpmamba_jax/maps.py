@@ -65,8 +65,9 @@ def save_png(path: str, label_map: np.ndarray, class_names: Sequence[str],
     ax.set_title(title, fontsize=9)
   handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="black", linewidth=0.3, label=n)
              for n, c in zip(class_names, palette)]
-  handles.append(Patch(facecolor=np.asarray(UNLABELLED_RGB) / 255.0, edgecolor="black",
-                       linewidth=0.3, label="unlabelled"))
+  if (label_map == 0).any():
+    handles.append(Patch(facecolor=np.asarray(UNLABELLED_RGB) / 255.0, edgecolor="black",
+                         linewidth=0.3, label="unlabelled"))
   fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
   buf = io.BytesIO()
   fig.savefig(buf, format="png")

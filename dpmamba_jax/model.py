@@ -37,7 +37,9 @@ class ModelConfig:
   out_dim: width of the output V (the text feature size, 512 for CLIP).
   af_dropout: dropout on the attention-fusion weights in training.
   prompts: True for the student (missing-modality prompts), False for the teacher.
-  scan_impl: "associative" or "sequential" (reference) recurrence.
+  scan_impl: selective-scan implementation, one of scan.SELECTIVE_SCAN_IMPLS: "auto" (default:
+    "chunked" on CPU, "associative" elsewhere), "associative", "chunked" or "sequential"
+    (reference). All compute the same function.
   """
   bands: tuple[int, ...]
   patch_size: int
@@ -48,7 +50,7 @@ class ModelConfig:
   out_dim: int = 512
   af_dropout: float = 0.3
   prompts: bool = False
-  scan_impl: str = "associative"
+  scan_impl: str = "auto"
 
   def __post_init__(self):
     bands = tuple(int(b) for b in np.atleast_1d(self.bands))
@@ -63,7 +65,8 @@ class ModelConfig:
         (self.d_state >= 1, "d_state", "an int >= 1"),
         (self.out_dim >= 1, "out_dim", "an int >= 1"),
         (0.0 <= self.af_dropout < 1.0, "af_dropout", "a float in [0, 1)"),
-        (self.scan_impl in scan.SCAN_IMPLS, "scan_impl", f"one of {scan.SCAN_IMPLS}"),
+        (self.scan_impl in scan.SELECTIVE_SCAN_IMPLS, "scan_impl",
+         f"one of {scan.SELECTIVE_SCAN_IMPLS}"),
     ]
     for ok, key, expected in checks:
       if not ok:
@@ -260,7 +263,7 @@ class ZigzagSSM(nnx.Module):
     self.a_log = nnx.Param(jnp.zeros((k, heads), jnp.float32))  # A = -1 at init
     self.d_skip = nnx.Param(jnp.ones((k, hidden), jnp.float32))  # (K, D)
 
-  def __call__(self, x: jax.Array, *, impl: str = "associative") -> jax.Array:
+  def __call__(self, x: jax.Array, *, impl: str = "auto") -> jax.Array:
     """x: (B, P, P, D) -> (B, P, P, D)."""
     b, p, q, d = x.shape
     y = scan.selective_scan(x.reshape(b, p * q, d), self.x_proj[...], self.dt_bias[...],

@@ -16,8 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpmamba_jax import ssd_chunked
+
 NUM_DIRECTIONS = 4
-SCAN_IMPLS = ("associative", "sequential")
+SCAN_IMPLS = ("associative", "sequential")  # linear_recurrence implementations
+# selective_scan implementations: "auto" is "chunked" on CPU and "associative" elsewhere.
+SELECTIVE_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked")
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,6 +172,17 @@ def linear_recurrence(a: jax.Array, b: jax.Array, *, axis: int, impl: str = "ass
   raise ValueError(f"scan impl must be one of {SCAN_IMPLS}, got {impl!r}")
 
 
+def resolve_impl(impl: str, paths: np.ndarray | None = None) -> str:
+  """The selective-scan implementation that `impl` runs on the current default backend."""
+  if impl not in SELECTIVE_SCAN_IMPLS:
+    raise ValueError(f"scan impl must be one of {SELECTIVE_SCAN_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    impl = "chunked" if jax.default_backend() == "cpu" else "associative"
+  if impl == "chunked" and paths is not None and not ssd_chunked.supports(paths):
+    impl = "associative"
+  return impl
+
+
 def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: jax.Array,
                    d_skip: jax.Array, paths: np.ndarray, *, impl: str = "associative") -> jax.Array:
   """Four-direction selective SSM over a flattened patch, summed in raster order (spec §2.6).
@@ -180,11 +195,17 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
     a_log: (K, R); A = -exp(a_log), one scalar per head.
     d_skip: (K, D) skip weight per direction and channel.
     paths: (K, L) int scan orders (numpy, static), e.g. ``zigzag_paths(P)``.
-    impl: "associative" (one associative_scan over all directions and heads) or "sequential".
+    impl: "associative" (one associative_scan over all directions and heads), "sequential"
+      (lax.scan reference), "chunked" (`ssd_chunked`: P x P in-chunk matrices, no per-direction
+      gathers; falls back to "associative" for paths without row/column chunks) or "auto"
+      ("chunked" on the CPU backend, where it is about 2x faster, else "associative").
 
   Returns:
     (B, L, D) float32: sum over directions of the outputs, in raster order.
   """
+  impl = resolve_impl(impl, paths)
+  if impl == "chunked":
+    return ssd_chunked.selective_scan_chunked(u, x_proj, dt_bias, a_log, d_skip, paths)
   gather, merge = path_ops(paths)
   bsz, length, dim = u.shape
   k_dirs, r_heads = a_log.shape

@@ -137,7 +137,8 @@ def prepare(cfg, spec, workdir: str, log: Callable[[str], None] = print) -> RunD
   z = jax.device_put(jnp.asarray(feats.features, jnp.float32))
   train_labels = data.labels_at(labels, split.train_idx)
   h, w = labels.shape
-  log(f"data: {spec.name} {h}x{w}, modalities {', '.join(f'{m}:{c.shape[-1]}' for m, c in zip(spec.modalities, cubes))}, "
+  mods = ", ".join(f"{m}:{c.shape[-1]}" for m, c in zip(spec.modalities, cubes))
+  log(f"data: {spec.name} {h}x{w}, modalities {mods}, "
       f"{split.train_idx.size} train / {split.test_idx.size} test pixels, text {feats.encoder} "
       f"(D={z.shape[1]})")
   return RunData(cfg=cfg, spec=spec, labels=labels, split=split, cubes=dev_cubes, z=z,
@@ -248,6 +249,7 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
     for b in batches:
       state, m = run(state, jnp.asarray(train_idx[b]), jnp.asarray(rd.train_labels[b]))
       window.append(m)
+    jax.block_until_ready(m)  # so that the progress bar and its ETA follow the computation
     bar.update(1)
     done = epoch + 1
     if done % cfg.log_every == 0 or done == epochs:
@@ -291,6 +293,7 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   teacher = student = None
   epochs: dict = {}
   walls: dict = {}
+  trained_now = False
   meta_common = {"dataset": spec.name, "seed": cfg.seed, "text_encoder": rd.text_encoder,
                  "text_sha256": rd.text_sha256}
 
@@ -304,6 +307,7 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
       model = model_lib.DPMamba(mcfg, rngs=nnx.Rngs(cfg.seed))
       log(f"teacher: {model_lib.param_count(model):,} parameters")
       teacher, wall = train_stage("pretrain", rd, model, workdir, log)
+      trained_now = True
       checkpoint.save_model(teacher_dir, teacher, mcfg, dict(
           meta_common, stage="pretrain", epochs=cfg.epochs_pretrain, wall_time_s=wall))
       log(f"pretrain: {wall:.1f} s, teacher saved to {teacher_dir}")
@@ -329,19 +333,31 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
       nnx.update(student, _copy_tree(nnx.state(teacher)))  # everything but the prompts
       log(f"student: {model_lib.param_count(student):,} parameters (teacher + prompts)")
       student, wall = train_stage("distill", rd, student, workdir, log, teacher=teacher)
+      trained_now = True
       checkpoint.save_model(student_dir, student, scfg, dict(
           meta_common, stage="distill", epochs=cfg.epochs_distill, wall_time_s=wall))
       log(f"distill: {wall:.1f} s, student saved to {student_dir}")
     epochs["distill"], walls["distill"] = cfg.epochs_distill, wall
 
-  metrics = evaluate.evaluate_run(rd, workdir, teacher, student, epochs=epochs,
-                                  wall_time_s=walls, batch=cfg.eval_batch, log=log)
-  log.record({"stage": "evaluate", "epoch": 0, "metrics_file": "metrics.json"})
-  if cfg.maps:
+  metrics_path = os.path.join(workdir, "metrics.json")
+  if not trained_now and os.path.isfile(metrics_path):
+    log(f"evaluation: done already ({metrics_path}); `python -m dpmamba_jax.evaluate --workdir "
+        f"{workdir}` recomputes it")
+    with open(metrics_path) as f:
+      metrics = json.load(f)
+  else:
+    metrics = evaluate.evaluate_run(rd, workdir, teacher, student, epochs=epochs,
+                                    wall_time_s=walls, batch=cfg.eval_batch, log=log)
+    log.record({"stage": "evaluate", "epoch": 0, **{
+        key: {name: {k: m[k] for k in evaluate.METRIC_KEYS} for name, m in metrics[key].items()}
+        for key in ("student", "teacher")}})
+  maps_dir = os.path.join(workdir, "maps")
+  marker = os.path.join(maps_dir, ".complete")
+  if cfg.maps and (trained_now or not os.path.isfile(marker)):
     for which, model in (("student", student), ("teacher", teacher if student is None else None)):
       if model is not None:
-        maps.write_all_maps(rd, model, os.path.join(workdir, "maps"), batch=cfg.eval_batch,
-                            which=which, log=log)
+        maps.write_all_maps(rd, model, maps_dir, batch=cfg.eval_batch, which=which, log=log)
+    config_lib.save_text(marker, "")
   return metrics
 
 
@@ -349,8 +365,9 @@ def _check_teacher(tcfg, cfg, spec, rd) -> None:
   want = (tuple(spec.model_bands), cfg.patch_size, int(rd.z.shape[1]))
   got = (tuple(tcfg.bands), tcfg.patch_size, tcfg.out_dim)
   if want != got:
-    raise errors.UserError(f"teacher checkpoint: (bands, patch_size, out_dim) = {got}, but this run "
-                           f"needs {want}; use a teacher trained on the same data and text encoder")
+    raise errors.UserError(f"teacher checkpoint: (bands, patch_size, out_dim) = {got}, but this "
+                           f"run needs {want}; use a teacher trained on the same data and text "
+                           "encoder")
 
 
 def _check_workdir_config(cfg, workdir: str) -> None:

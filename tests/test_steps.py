@@ -80,7 +80,8 @@ def setup():
   z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
   idx = jnp.asarray(rng.choice(H * W, C * K, replace=False).astype(np.int32))
   labels = jnp.asarray(np.repeat(np.arange(C), K).astype(np.int32))  # class-sorted
-  cfg = model_lib.ModelConfig.tiny(bands=(4, 2), patch_size=P, depth=1, hidden=8, out_dim=8)
+  # depth 0 (no Mamba blocks) keeps the compile short; the steps' plumbing is the same.
+  cfg = model_lib.ModelConfig.tiny(bands=(4, 2), patch_size=P, depth=0, hidden=8, out_dim=8)
   oc = steps.OptimConfig(lr=3e-3, warmup_init=3e-3, lr_min=3e-3, warmup_steps=0, total_steps=100,
                          weight_decay=0.0, grad_clip=1.0)
   return dict(padded=padded, z=z, idx=idx, labels=labels, cfg=cfg, oc=oc)
@@ -151,3 +152,24 @@ def test_predict_step_masks_are_an_input(setup):
   from dpmamba_jax import losses
   want = np.asarray(losses.predict(model(xs, None), s["z"]))
   np.testing.assert_array_equal(outs[0], want)
+
+
+def test_student_step_three_modalities():
+  rng = np.random.default_rng(1)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(H, W, b)).astype(np.float32) for b in (4, 2, 1)], P)]
+  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
+  idx = jnp.asarray(rng.choice(H * W, 7 * C, replace=False).astype(np.int32))
+  labels = jnp.asarray(np.repeat(np.arange(C), 7).astype(np.int32))
+  cfg = model_lib.ModelConfig.tiny(bands=(4, 2, 1), patch_size=P, depth=0, hidden=8, out_dim=8)
+  teacher = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
+  student = model_lib.DPMamba(cfg.replace(prompts=True), rngs=nnx.Rngs(1))
+  t_graphdef, t_params, t_rest = steps.split_model(teacher)
+  tx, sched = steps.make_optimizer(steps.OptimConfig(lr=1e-3, warmup_init=1e-3, lr_min=1e-3,
+                                                     warmup_steps=0, total_steps=10))
+  graphdef, state = steps.init_train_state(student, tx, jax.random.PRNGKey(0))
+  step = steps.make_student_step(graphdef, t_graphdef, tx, sched, width=W, patch_size=P,
+                                 num_modalities=3, batch_size=7 * C)
+  state, m = step(state, (t_params, t_rest), cubes, z, idx, labels)
+  assert np.isfinite(float(m["loss"])) and int(state.step) == 1
+  assert len(state.params["prompts"]) == 3

@@ -1,0 +1,146 @@
+"""End-to-end tests of `python -m dpmamba_jax.train` on a tiny synthetic run, plus config parsing.
+
+The kill test runs the CLI in subprocesses: an uninterrupted run, then a second workdir whose
+run is SIGKILLed right after a pretrain checkpoint, rerun and SIGKILLed after a distill
+checkpoint, then rerun to the end; its metrics must equal the uninterrupted run's (also the
+determinism check: same seed, same numbers on CPU).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from dpmamba_jax import config as config_lib
+from dpmamba_jax import errors, evaluate, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--epochs", "3", "--text-encoder", "random",
+        "--set", "model=tiny", "--set", "depth=0", "--set", "hidden=8", "--set", "patch_size=3",
+        "--set", "synthetic_height=40", "--set", "synthetic_width=40",
+        "--set", "train_per_class=8", "--set", "batch_size=24", "--set", "eval_batch=256",
+        "--set", "log_every=1", "--set", "ckpt_every=1"]
+
+
+def _env(cache_dir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", DPMAMBA_XLA_CACHE_DIR=str(cache_dir),
+             DPMAMBA_CACHE_DIR=str(cache_dir), PYTHONWARNINGS="ignore")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _run(workdir, env, extra=(), kill_on=None):
+  """Runs the CLI; with kill_on, SIGKILLs it when a stdout line contains that text."""
+  cmd = [sys.executable, "-m", "dpmamba_jax.train", "--workdir", str(workdir), *TINY, *extra]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env=env, cwd=REPO)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if kill_on and kill_on in line:
+      proc.send_signal(signal.SIGKILL)
+      break
+  rc = proc.wait(timeout=300)
+  proc.stdout.close()
+  return rc, "".join(lines)
+
+
+def _numbers(path):
+  with open(path) as f:
+    m = json.load(f)
+  m.pop("wall_time_s")
+  return m
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_kill_resume_matches_uninterrupted_run(tmp_path):
+  env = _env(tmp_path / "cache")
+  rc, out = _run(tmp_path / "a", env)  # compiles once; the later runs hit the persistent cache
+  assert rc == 0, out
+  a = tmp_path / "a"
+  for f in ("config.json", "split.npz", "log.jsonl", "metrics.json", "metrics.md",
+            "teacher", "student", "maps/student_complete_full.png",
+            "maps/student_without-HSI_labelled.mat", "maps/student_without-LiDAR_full.npy"):
+    assert (a / f).exists(), f
+  m = json.loads((a / "metrics.json").read_text())
+  assert list(m) == ["dataset", "seed", "text_encoder", "epochs", "student", "teacher",
+                     "wall_time_s"]
+  assert m["epochs"] == {"pretrain": 3, "distill": 3}
+  assert set(m["student"]) == set(m["teacher"]) == {"complete", "without:HSI", "without:LiDAR"}
+  for entry in m["student"].values():
+    assert set(entry) == {"OA", "AA", "kappa", "per_class", "confusion"}
+    assert 0 <= entry["OA"] <= 100 and len(entry["confusion"]) == 6
+  assert set(m["wall_time_s"]) == {"pretrain", "distill", "evaluate"}
+
+  b = tmp_path / "b"
+  no_maps = ("--set", "maps=false")  # maps do not change the numbers; they cost time
+  rc, out = _run(b, env, no_maps, kill_on="pretrain: checkpoint saved at epoch 1")
+  assert rc == -signal.SIGKILL and not (b / "teacher").exists()
+  rc, out = _run(b, env, no_maps, kill_on="distill: checkpoint saved at epoch 1")
+  assert rc == -signal.SIGKILL, out
+  assert "pretrain: resuming from the checkpoint at epoch" in out
+  assert (b / "teacher").exists() and not (b / "metrics.json").exists()
+  rc, out = _run(b, env, no_maps)
+  assert rc == 0, out
+  assert "distill: resuming from the checkpoint at epoch" in out
+  assert _numbers(b / "metrics.json") == _numbers(a / "metrics.json")
+  # The log has each (stage, epoch) once, in order, despite the kills.
+  log = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
+  keys = [(e["stage"], e["epoch"]) for e in log if e["stage"] != "evaluate"]
+  assert keys == [("pretrain", 1), ("pretrain", 2), ("pretrain", 3),
+                  ("distill", 1), ("distill", 2), ("distill", 3)]
+  # `evaluate` on its own rebuilds the same inputs and gets the same numbers.
+  before = _numbers(a / "metrics.json")
+  (a / "metrics.json").unlink()
+  assert evaluate.main(["--workdir", str(a), "--no-compile-cache"]) == 0
+  assert _numbers(a / "metrics.json") == before
+  # A rerun with a different setting is refused in one line.
+  assert train.main(["--workdir", str(b), *TINY, "--seed", "1", "--no-compile-cache",
+                     "--quiet"]) == 2
+
+
+def test_cli_user_errors(capsys):
+  assert train.main(["--set", "nosuchkey=1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --set nosuchkey=1: unknown config key 'nosuchkey'")
+  assert len(err.splitlines()) == 1
+  assert train.main(["--set", "batch_size=abc"]) == 2
+  assert "batch_size='abc'" in capsys.readouterr().err
+  assert train.main(["--set", "batch_size=25"]) == 2  # not a multiple of 6 classes
+  assert "multiple of the 6 classes" in capsys.readouterr().err
+
+
+def test_resolve_defaults_and_precedence(tmp_path):
+  cfg_file = tmp_path / "c.yaml"
+  cfg_file.write_text("dataset: houston\nhidden: 32\nlr: 1.0e-3\n")
+  args = train._parser().parse_args(["--config", str(cfg_file), "--set", "lr=2e-3",
+                                     "--seed", "4"])
+  cfg, spec = train.resolve_args(args)
+  assert spec.name == "houston" and cfg.hidden == 32 and cfg.lr == 2e-3 and cfg.seed == 4
+  assert cfg.betas_distill == (0.85, 0.999) and cfg.betas_pretrain == (0.9, 0.999)
+  assert cfg.grad_clip == 2.0 and cfg.epochs_pretrain == 500 and cfg.warmup_epochs == 30
+  assert cfg.workdir == os.path.join("runs", "houston", "seed4")
+  cfg, _ = train.resolve_args(train._parser().parse_args(["--dataset", "trento",
+                                                          "--epochs", "100"]))
+  assert cfg.epochs_distill == 100 and cfg.warmup_epochs == 6  # 30/500 of the epochs
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"epochs_pretrain": "many"}')
+  with pytest.raises(errors.UserError, match="bad.json: epochs_pretrain='many'"):
+    config_lib.load_config_file(str(bad))
+  assert config_lib.coerce("betas_distill", "0.8,0.99") == (0.8, 0.99)
+  assert config_lib.coerce("data_dir", "none") is None
+  assert config_lib.coerce("maps", "false") is False
+
+
+def test_shipped_configs_resolve_to_the_dataset_defaults():
+  from dpmamba_jax import datasets
+  for name, spec in datasets.DATASETS.items():
+    path = os.path.join(REPO, "configs", f"{name}.yaml")
+    with open(path) as f:
+      assert f"python -m dpmamba_jax.train --config configs/{name}.yaml" in f.read()
+    from_file, _ = config_lib.resolve(config_lib.load_config_file(path))
+    from_flag, _ = config_lib.resolve({"dataset": name})
+    assert from_file == from_flag, name
