@@ -52,6 +52,12 @@ class RunConfig:
   betas_pretrain: Optional[tuple[float, float]] = None
   betas_distill: Optional[tuple[float, float]] = None
   distill: str = "tbd"                   # tbd (the method) | kl (ablation Variant 1)
+  prompts: bool = True                   # student prompts; false = Variant-3 (zero-filled)
+  # Ablations (variants.py); the defaults are the paper's method.
+  modalities: Optional[str] = None       # e.g. HSI: train/test on these only (HSI-Net); None = all
+  backbone: str = "mamba"                # mamba | vit (Variant-2a)
+  fusion: str = "af"                     # af | add (Variant-2b)
+  mixer: str = "mism"                    # mism | dwconv (Variant-2c)
   # Model.
   model: str = "paper"                   # paper | tiny (ModelConfig.tiny widths, for tests)
   patch_size: Optional[int] = None
@@ -67,6 +73,7 @@ class RunConfig:
   eval_batch: int = 512
   maps: bool = True
   compile_cache: bool = True
+  data_parallel: bool = True             # shard batches over all devices when there are several
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -180,6 +187,11 @@ def resolve(overrides: dict) -> tuple[RunConfig, Any]:
   d = dict(overrides)
   spec = datasets.get_spec(d.get("dataset", "synthetic"))
   d["dataset"] = spec.name
+  if d.get("modalities"):  # single-modality nets etc.: the spec restricted to these
+    from dpmamba_jax import variants
+    mods = variants.parse_modalities(d["modalities"], spec)
+    d["modalities"] = None if mods == spec.modalities else ",".join(mods)
+    spec = variants.restrict_spec(spec, mods)
   fill = dict(train_per_class=spec.train_per_class, batch_size=spec.batch_size,
               lr=spec.lr, weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, eps=spec.eps,
               betas_pretrain=tuple(spec.betas_pretrain), betas_distill=tuple(spec.betas_distill),
@@ -216,6 +228,10 @@ def _validate(cfg: RunConfig, spec) -> None:
     bad("distill", "tbd | kl")
   if cfg.model not in MODEL_PRESETS:
     bad("model", " | ".join(MODEL_PRESETS))
+  for k, allowed in (("backbone", ("mamba", "vit")), ("fusion", ("af", "add")),
+                     ("mixer", ("mism", "dwconv"))):
+    if getattr(cfg, k) not in allowed:
+      bad(k, " | ".join(allowed))
   for k in ("epochs_pretrain", "epochs_distill", "warmup_epochs"):
     if getattr(cfg, k) < 0:
       bad(k, "an int >= 0")
@@ -256,7 +272,8 @@ def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
               scan_impl=base.scan_impl)
   else:
     kw = {}
-  for k in ("hidden", "depth", "d_state", "heads_per_direction", "af_dropout", "scan_impl"):
+  for k in ("hidden", "depth", "d_state", "heads_per_direction", "af_dropout", "scan_impl",
+            "backbone", "fusion", "mixer"):
     if getattr(cfg, k) is not None:
       kw[k] = getattr(cfg, k)
   return model_lib.ModelConfig(bands=tuple(spec.model_bands), patch_size=cfg.patch_size,

@@ -79,7 +79,10 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
 
   The last batch is padded with the first index, so every call has the shape (batch,): one
   compile per model. Patches are gathered on the device inside `predict_fn` (never all in
-  memory). `mask_row` (M,) or None (complete).
+  memory): only the (batch,) indices go to the device per batch, and only the (batch,)
+  predictions come back. `mask_row` (M,) or None (complete). A `predict_fn` with a `.mesh`
+  (steps.make_predict_step(..., mesh=...)) runs each batch sharded over the mesh's devices; the
+  model and the cubes are replicated on it once per call.
   """
   import jax
   import jax.numpy as jnp
@@ -91,6 +94,13 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   row = np.ones((num_modalities,), np.float32) if mask_row is None else np.asarray(mask_row,
                                                                                      np.float32)
   mask = jnp.asarray(np.broadcast_to(row, (batch, num_modalities)))
+  mesh = getattr(predict_fn, "mesh", None)
+  to_device = jnp.asarray
+  if mesh is not None:
+    from dpmamba_jax import steps
+    params, rest, cubes, z = steps.replicate((params, rest, cubes, z), mesh)
+    mask = steps.shard_batch(np.broadcast_to(row, (batch, num_modalities)), mesh)
+    to_device = np.asarray  # the sharded fn puts each device's slice straight from the host
   n_batches = -(-n // batch)
   out = np.empty((n_batches * batch,), np.int32)
   padded = np.full((n_batches * batch,), flat_idx[0], np.int32)
@@ -99,7 +109,7 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=desc is None,
              mininterval=1.0)
   for i in range(n_batches):
-    pred = predict_fn(params, rest, cubes, z, jnp.asarray(padded[i * batch:(i + 1) * batch]), mask)
+    pred = predict_fn(params, rest, cubes, z, to_device(padded[i * batch:(i + 1) * batch]), mask)
     if pending is not None:  # fetch the previous batch while this one runs
       j, p = pending
       out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
@@ -112,16 +122,47 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   return out[:n]
 
 
-def predictor(model, rd) -> tuple[Callable, Any, Any]:
+def predictor(model, rd, batch: int | None = None) -> tuple[Callable, Any, Any]:
   """(jitted predict fn, params, rest) for `model`; the jitted fn is reused per graph (one
-  compile per model and batch shape, shared by evaluation and maps)."""
+  compile per model and batch shape, shared by evaluation and maps).
+
+  With `batch` given, several devices and `rd.cfg.data_parallel` on (the default), the fn is
+  sharded over all devices when `batch` divides over them (steps.data_parallel_mesh).
+  """
   from dpmamba_jax import steps
   graphdef, params, rest = steps.split_model(model)
+  mesh = inference_mesh(rd, batch)
   cache = rd.__dict__.setdefault("_predictors", {})
-  key = (graphdef, rd.width, rd.patch_size)
+  key = (graphdef, rd.width, rd.patch_size, mesh)
   if key not in cache:
-    cache[key] = steps.make_predict_step(graphdef, width=rd.width, patch_size=rd.patch_size)
+    cache[key] = steps.make_predict_step(graphdef, width=rd.width, patch_size=rd.patch_size,
+                                         mesh=mesh)
+  if mesh is not None:
+    params, rest = steps.replicate((params, rest), mesh)
+  elif batch is not None and _multi_device(params):
+    import jax  # trained data-parallel, inferred on one device: don't run replicated on all
+    params, rest = jax.device_put((params, rest), jax.devices()[0])
   return cache[key], params, rest
+
+
+def _multi_device(tree) -> bool:
+  import jax
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  return jax.process_count() == 1 and any(len(x.sharding.device_set) > 1 for x in leaves)
+
+
+def inference_mesh(rd, batch: int | None):
+  """The data mesh for inference batches of `batch` on this run (None = one device); the
+  decision is logged once per run and batch."""
+  import jax
+  from dpmamba_jax import steps
+  if batch is None or jax.device_count() == 1:
+    return None
+  cache = rd.__dict__.setdefault("_meshes", {})
+  if batch not in cache:
+    enabled = bool(getattr(getattr(rd, "cfg", None), "data_parallel", True))
+    cache[batch] = steps.data_parallel_mesh(batch, enabled=enabled, what="inference batch")
+  return cache[batch]
 
 
 def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
@@ -131,7 +172,7 @@ def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
   `rd` is a train.RunData (device cubes, text features z, split, labels, spec).
   """
   from dpmamba_jax import data
-  predict_fn, params, rest = predictor(model, rd)
+  predict_fn, params, rest = predictor(model, rd, batch)
   y_true = data.labels_at(rd.labels, rd.split.test_idx)
   out = {}
   for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):

@@ -111,7 +111,13 @@ def to_maps(pred_full: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
 def predict_scene(predict_fn, params, rest, cubes, z, height: int, width: int,
                   mask_row: np.ndarray | None, num_modalities: int, batch: int = 512, *,
                   desc: str | None = None) -> np.ndarray:
-  """(H, W) 0-based predictions for every pixel, streamed in fixed-size batches."""
+  """(H, W) 0-based predictions for every pixel, streamed in fixed-size batches.
+
+  `cubes` are the padded per-modality scene cubes, already on the device; each batch's (batch,)
+  flat indices are sent and its patches gathered inside the jitted `predict_fn`, so memory is
+  bounded by one batch of patches whatever H * W. A sharded `predict_fn` (with `.mesh`) splits
+  every batch over the devices (`batch` a multiple of their count).
+  """
   from dpmamba_jax import evaluate
   idx = np.arange(height * width, dtype=np.int32)
   pred = evaluate.predict_pixels(predict_fn, params, rest, cubes, z, idx, mask_row,
@@ -128,7 +134,7 @@ def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "s
   """
   from dpmamba_jax import evaluate
   spec = rd.spec
-  predict_fn, params, rest = evaluate.predictor(model, rd)
+  predict_fn, params, rest = evaluate.predictor(model, rd, batch)
   palette = tuple(spec.palette) if getattr(spec, "palette", None) else None
   written = []
   for name, row in masks_lib.eval_scenarios(spec.modalities):

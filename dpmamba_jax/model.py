@@ -11,6 +11,7 @@ jit pattern (NNX): split once, then a plain ``jax.jit`` of a pure function that 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -40,6 +41,11 @@ class ModelConfig:
   scan_impl: selective-scan implementation, one of scan.SELECTIVE_SCAN_IMPLS: "auto" (default:
     "chunked" on CPU, "associative" elsewhere), "associative", "chunked" or "sequential"
     (reference). All compute the same function.
+  backbone: "mamba" (the method: modality-aware Mamba blocks) | "vit" (ablation Variant-2a:
+    one transformer layer per block, `vit.ViTBlock`).
+  fusion: "af" (the method: attention fusion) | "add" (Variant-2b: plain sum, `variants.AddFusion`).
+  mixer: "mism" (the method: zigzag selective scan) | "dwconv" (Variant-2c: depthwise 3x3 conv,
+    `variants.DWConvMixer`).
   """
   bands: tuple[int, ...]
   patch_size: int
@@ -51,6 +57,9 @@ class ModelConfig:
   af_dropout: float = 0.3
   prompts: bool = False
   scan_impl: str = "auto"
+  backbone: str = "mamba"
+  fusion: str = "af"
+  mixer: str = "mism"
 
   def __post_init__(self):
     bands = tuple(int(b) for b in np.atleast_1d(self.bands))
@@ -67,6 +76,9 @@ class ModelConfig:
         (0.0 <= self.af_dropout < 1.0, "af_dropout", "a float in [0, 1)"),
         (self.scan_impl in scan.SELECTIVE_SCAN_IMPLS, "scan_impl",
          f"one of {scan.SELECTIVE_SCAN_IMPLS}"),
+        (self.backbone in ("mamba", "vit"), "backbone", "mamba | vit"),
+        (self.fusion in ("af", "add"), "fusion", "af | add"),
+        (self.mixer in ("mism", "dwconv"), "mixer", "mism | dwconv"),
     ]
     for ok, key, expected in checks:
       if not ok:
@@ -161,12 +173,81 @@ class Conv3x3(nnx.Module):
     """x: (B, H, W, cin) -> (B, H, W, cout)."""
     kernel, groups = self.kernel[...], self.groups
     cin = kernel.shape[2] * groups
+    if groups > 1 and kernel.shape[2] <= SHIFT_CONV_MAX_CIN_PER_GROUP:
+      return _grouped_conv3x3(x, kernel, groups) + self.bias[...]
     if groups > 1 and cin * kernel.shape[3] <= DENSE_GROUPED_CONV_MAX:
       kernel, groups = _block_diagonal_kernel(kernel, groups), 1
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                      feature_group_count=groups)
     return y + self.bias[...]
+
+
+# Grouped convs with at most this many input channels per group run as 9 * (cin/groups) shifted
+# multiply-adds (one elementwise fusion) instead of a conv: the block-diagonal dense conv does
+# cin/(cin/groups) times the work, and YNNPACK's dense 3x3 conv is the slowest op on CPU.
+SHIFT_CONV_MAX_CIN_PER_GROUP = 4
+
+
+def _expand_group_input(xp: jax.Array, groups: int, cin_g: int, cout_g: int, j: int):
+  """(B, H, W, cin) -> (B, H, W, cout): output channel o sees its group's j-th input channel."""
+  b, h, w, _ = xp.shape
+  xj = xp.reshape(b, h, w, groups, cin_g)[..., j]  # (B, H, W, groups)
+  return jnp.broadcast_to(xj[..., None], xj.shape + (cout_g,)).reshape(b, h, w, groups * cout_g)
+
+
+def _shift_conv3x3(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+  """Grouped 3x3 cross-correlation, zero padding 1, as shifted multiply-adds.
+
+  x: (B, H, W, cin); kernel: (3, 3, cin/groups, cout) -> (B, H, W, cout).
+  """
+  _, h, w, _ = x.shape
+  cin_g, cout = kernel.shape[2], kernel.shape[3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  y = None
+  for j in range(cin_g):
+    xj = _expand_group_input(xp, groups, cin_g, cout // groups, j)
+    for dy in range(3):
+      for dx in range(3):
+        term = xj[:, dy:dy + h, dx:dx + w] * kernel[dy, dx, j]
+        y = term if y is None else y + term
+  return y
+
+
+def _transposed_group_kernel(kernel: jax.Array, groups: int) -> jax.Array:
+  """The kernel of the input gradient: (3, 3, cin/g, cout) -> (3, 3, cout/g, cin), flipped."""
+  cin_g, cout = kernel.shape[2], kernel.shape[3]
+  cout_g = cout // groups
+  i = np.arange(cin_g * groups)[None, :]
+  ol = np.arange(cout_g)[:, None]
+  # kt[dy, dx, ol, i] = kernel[2 - dy, 2 - dx, i % cin_g, (i // cin_g) * cout_g + ol]
+  return kernel[::-1, ::-1][:, :, i % cin_g, (i // cin_g) * cout_g + ol]
+
+
+def _dense_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _grouped_conv3x3(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+  return _shift_conv3x3(x, kernel, groups)
+
+
+def _grouped_conv3x3_fwd(x, kernel, groups):
+  return _shift_conv3x3(x, kernel, groups), (x, kernel)
+
+
+def _grouped_conv3x3_bwd(groups, res, g):
+  # d/dx: the same shifted form with the flipped, group-transposed kernel. d/dkernel: XLA's
+  # filter gradient of the block-diagonal dense conv (faster on CPU than 9 * cin_g reductions).
+  x, kernel = res
+  dx = _shift_conv3x3(g, _transposed_group_kernel(kernel, groups), groups)
+  _, vjp = jax.vjp(lambda k: _dense_conv3x3(x, _block_diagonal_kernel(k, groups)), kernel)
+  return dx, vjp(g)[0]
+
+
+_grouped_conv3x3.defvjp(_grouped_conv3x3_fwd, _grouped_conv3x3_bwd)
 
 
 def _conv3x3(cin: int, cout: int, groups: int, rngs: nnx.Rngs) -> Conv3x3:
@@ -299,14 +380,21 @@ class MAMambaBlock(nnx.Module):
     self.af_dropout = cfg.af_dropout
     self.scan_impl = cfg.scan_impl
     ssm = lambda: ZigzagSSM(h, cfg.heads_per_direction, cfg.d_state, rngs=rngs)
+    fuse = lambda: AttentionFusion(h, rngs=rngs)
+    if cfg.mixer == "dwconv" or cfg.fusion == "add":  # ablations (variants.py)
+      from dpmamba_jax import variants
+      if cfg.mixer == "dwconv":
+        ssm = lambda: variants.DWConvMixer(h, rngs=rngs)
+      if cfg.fusion == "add":
+        fuse = variants.AddFusion
     self.ln1 = nnx.List([_layer_norm(h, rngs) for _ in range(m_count)])
     self.ln3 = nnx.List([_layer_norm(h, rngs) for _ in range(m_count)])
-    self.af = nnx.List([AttentionFusion(h, rngs=rngs) for _ in range(m_count)])
+    self.af = nnx.List([fuse() for _ in range(m_count)])
     self.conv = nnx.List([_conv3x3(h, h, h // 2, rngs) for _ in range(m_count)])
     self.ssm = nnx.List([ssm() for _ in range(m_count)])
     self.out_proj = nnx.List([_linear(h, h, rngs) for _ in range(m_count)])
     if m_count >= 2:
-      self.cross_af = AttentionFusion(h, rngs=rngs)
+      self.cross_af = fuse()
       self.ln2 = _layer_norm(h, rngs)
       self.cross_conv = _conv3x3(h, h, h, rngs)  # depthwise
       self.cross_ssm = ssm()
@@ -352,7 +440,11 @@ class DPMamba(nnx.Module):
     self.cfg = cfg
     h, m_count, p = cfg.hidden, cfg.num_modalities, cfg.patch_size
     self.embed = nnx.List([PatchEmbed(b, h, rngs=rngs) for b in cfg.bands])
-    self.blocks = nnx.List([MAMambaBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    block = MAMambaBlock
+    if cfg.backbone == "vit":  # ablation Variant-2a
+      from dpmamba_jax import vit
+      block = vit.ViTBlock
+    self.blocks = nnx.List([block(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.head_norm = _layer_norm(h * m_count, rngs)
     self.head = _linear(h * m_count, cfg.out_dim, rngs)
     if cfg.prompts:

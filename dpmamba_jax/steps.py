@@ -5,6 +5,13 @@ it back inside `jax.jit`. The train state is a pytree (params, batch_stats, opt_
 that is donated to the step. The per-modality padded scene cubes live on the device and every
 step gathers its batch's patches from flat pixel indices, so the host sends only (B,) indices
 and (B,) labels per step.
+
+Data parallelism: with `mesh` (a 1-D `("data",)` mesh from `data_parallel_mesh`) the steps are
+jitted with the batch arguments sharded over the mesh and everything else (parameters, optimiser
+state, scene cubes, text features) replicated. It is still one jit per step and the same global
+computation: BatchNorm statistics and the class-grouped losses reduce over the whole global batch
+(XLA inserts the collectives), so a sharded step equals the single-device step up to float
+summation order.
 """
 from __future__ import annotations
 
@@ -14,8 +21,11 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dpmamba_jax import masks as masks_lib
 
@@ -140,13 +150,15 @@ def _accuracy(v, labels, z):
 
 
 def make_teacher_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                      width: int, patch_size: int) -> Callable:
+                      width: int, patch_size: int, mesh: jax.sharding.Mesh | None = None
+                      ) -> Callable:
   """Jitted pretraining step.
 
   step(state, cubes, z, idx, labels) -> (state, metrics)
     cubes: per-modality padded scene cubes (H+2r, W+2r, C_m); z: (C, D) text features;
     idx: (B,) int32 flat pixel indices; labels: (B,) int32 0-based, class-sorted batch.
-  The state argument is donated.
+  The state argument is donated. With `mesh`, idx and labels are sharded over its "data" axis
+  and the other arguments must be replicated on it (`replicate`, `shard_batch`).
   """
   from dpmamba_jax import losses
 
@@ -171,19 +183,25 @@ def make_teacher_step(graphdef, tx: optax.GradientTransformation, schedule: opta
                               step=state.step + 1, rng=rng)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
+  return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, rep, dat, dat),
+                 out_shardings=(rep, rep))
 
 
 def make_student_step(graphdef, teacher_graphdef, tx: optax.GradientTransformation,
                       schedule: optax.Schedule, *, width: int, patch_size: int,
-                      num_modalities: int, batch_size: int, distill: str = "tbd") -> Callable:
+                      num_modalities: int, batch_size: int, distill: str = "tbd",
+                      mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Jitted distillation step.
 
   step(state, teacher, cubes, z, idx, labels) -> (state, metrics)
     teacher: (params, rest) of the frozen teacher, run in eval mode on the complete inputs
     under stop_gradient; the student runs in train mode with masks from `sample_masks`
     (every non-empty subset, tiled and shuffled). All student params (backbone, head,
-    prompts) are updated. The state argument is donated.
+    prompts) are updated. The state argument is donated. With `mesh`, idx and labels are
+    sharded over its "data" axis and the rest replicated (the teacher included).
   """
   from dpmamba_jax import losses
 
@@ -213,10 +231,15 @@ def make_student_step(graphdef, teacher_graphdef, tx: optax.GradientTransformati
                               step=state.step + 1, rng=rng)
     return new_state, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
+  return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, rep, rep, dat, dat),
+                 out_shardings=(rep, rep))
 
 
-def make_predict_step(graphdef, *, width: int, patch_size: int) -> Callable:
+def make_predict_step(graphdef, *, width: int, patch_size: int,
+                      mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Jitted eval-mode inference on a fixed-size batch.
 
   predict(params, rest, cubes, z, idx, mask) -> (b,) int32 class ids
@@ -224,6 +247,9 @@ def make_predict_step(graphdef, *, width: int, patch_size: int) -> Callable:
     modalities get zero-filled raw input (no effect in eval mode; the model puts the prompt,
     or zeros for the teacher, in their feature slot). The mask is an input, not a static, so
     there is one compile per batch shape for all scenarios.
+  With `mesh`, the returned function (attribute `.mesh`) shards idx and mask over the "data"
+  axis itself (b must be a multiple of the mesh size); params, rest, cubes and z should be
+  placed once with `replicate`. The predictions come back replicated (readable on every host).
   """
   from dpmamba_jax import losses
 
@@ -234,4 +260,76 @@ def make_predict_step(graphdef, *, width: int, patch_size: int) -> Callable:
     v = model(xs, mask, train=False)
     return losses.predict(v, z)
 
-  return jax.jit(predict)
+  if mesh is None:
+    return jax.jit(predict)
+  rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
+  jitted = jax.jit(predict, in_shardings=(rep, rep, rep, rep, dat, dat), out_shardings=rep)
+
+  def sharded_predict(params, rest, cubes, z, idx, mask):
+    return jitted(params, rest, cubes, z, shard_batch(idx, mesh), shard_batch(mask, mesh))
+
+  sharded_predict.mesh = mesh
+  sharded_predict.jitted = jitted
+  return sharded_predict
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism over a 1-D "data" mesh.
+
+DATA_AXIS = "data"
+
+
+def data_parallel_mesh(batch_size: int, *, enabled: bool = True, what: str = "batch",
+                       log: Callable[[str], None] | None = print) -> jax.sharding.Mesh | None:
+  """The `("data",)` mesh over every device (all hosts') when data parallelism applies.
+
+  None (one device) when there is a single device, when `enabled` is False, or when
+  `batch_size` is not a multiple of jax.device_count() (then `log` says why).
+  """
+  n = jax.device_count()
+  if n <= 1:
+    return None
+  if not enabled:
+    if log:
+      log(f"data parallel: off (data_parallel=false); using 1 of {n} devices for the {what}")
+    return None
+  if batch_size % n:
+    if log:
+      log(f"data parallel: {what} {batch_size} is not a multiple of the {n} devices; running "
+          f"on one device (make it a multiple of {n}, or --set data_parallel=false)")
+    return None
+  if log:
+    log(f"data parallel: {what} {batch_size} sharded over {n} devices "
+        f"({batch_size // n} per device), parameters replicated")
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the "data" axis, other axes whole."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _put(x, sharding: NamedSharding):
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  # Several hosts: every process holds the same global value (same seed, same sampler), and
+  # builds its addressable shards from it.
+  a = np.asarray(x)
+  return jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  """Every array leaf of `tree` replicated on every device of `mesh` (no copy if already)."""
+  s = replicated_sharding(mesh)
+  return jax.tree.map(lambda x: _put(x, s), tree)
+
+
+def shard_batch(x, mesh: jax.sharding.Mesh) -> jax.Array:
+  """(B, ...) array split along B over the mesh's "data" axis (B divisible by its size)."""
+  return _put(x, batch_sharding(mesh))

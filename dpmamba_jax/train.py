@@ -26,6 +26,7 @@ from dpmamba_jax import errors
 
 # Keys that do not change the numbers; a rerun may change them without a new workdir.
 _FREE_KEYS = ("stage", "log_every", "ckpt_every", "eval_batch", "maps", "compile_cache",
+              "data_parallel",
               "workdir", "data_dir", "teacher_ckpt")
 
 
@@ -86,6 +87,11 @@ class RunData:
 
 def _load_scene(cfg, spec):
   from dpmamba_jax import data
+  if cfg.modalities:  # a subset of the modalities (variants.py): load them all, keep those
+    from dpmamba_jax import variants
+    subset, spec = spec, variants.full_spec(spec)
+    return variants.restrict_scene(_load_scene(dataclasses.replace(cfg, modalities=None), spec),
+                                   subset)
   if spec.synthetic is not None and cfg.data_dir is None and (cfg.synthetic_height or
                                                               cfg.synthetic_width):
     syn = dataclasses.replace(spec.synthetic, height=cfg.synthetic_height or spec.synthetic.height,
@@ -226,16 +232,26 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
     start, wall_before = int(meta["epoch"]), float(meta.get("wall_time_s", 0.0))
     log(f"{stage}: resuming from the checkpoint at epoch {start}/{epochs}")
   log.truncate(stage, start)
-  common = dict(width=rd.width, patch_size=rd.patch_size)
+  # Several devices: the batch is sharded over them, everything else replicated (one jit).
+  mesh = steps.data_parallel_mesh(sampler.batch_size,
+                                  enabled=bool(getattr(cfg, "data_parallel", True)), log=log)
+  common = dict(width=rd.width, patch_size=rd.patch_size, mesh=mesh)
+  cubes, z, to_device = rd.cubes, rd.z, jnp.asarray
+  if mesh is not None:
+    state = steps.replicate(state, mesh)
+    cubes, z = steps.replicate((rd.cubes, rd.z), mesh)
+    to_device = lambda a: steps.shard_batch(a, mesh)
   if stage == "pretrain":
     step_fn = steps.make_teacher_step(graphdef, tx, sched, **common)
-    run = lambda st, idx, lab: step_fn(st, rd.cubes, rd.z, idx, lab)
+    run = lambda st, idx, lab: step_fn(st, cubes, z, idx, lab)
   else:
     t_graphdef, t_params, t_rest = steps.split_model(teacher)
+    if mesh is not None:
+      t_params, t_rest = steps.replicate((t_params, t_rest), mesh)
     step_fn = steps.make_student_step(graphdef, t_graphdef, tx, sched,
                                       num_modalities=spec.num_modalities,
                                       batch_size=sampler.batch_size, distill=cfg.distill, **common)
-    run = lambda st, idx, lab: step_fn(st, (t_params, t_rest), rd.cubes, rd.z, idx, lab)
+    run = lambda st, idx, lab: step_fn(st, (t_params, t_rest), cubes, z, idx, lab)
   log(f"{stage}: {epochs} epochs x {sampler.steps} steps of {sampler.batch_size} "
       f"(lr {oc.lr:g}, warmup {oc.warmup_steps} steps from {oc.warmup_init:.3g}, cosine to "
       f"{oc.lr_min:.3g}, betas ({oc.b1}, {oc.b2}), wd {oc.weight_decay}, clip {oc.grad_clip})")
@@ -247,7 +263,7 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
   for epoch in range(start, epochs):
     batches = sampler.epoch(epoch)  # (steps, B) indices into the train set
     for b in batches:
-      state, m = run(state, jnp.asarray(train_idx[b]), jnp.asarray(rd.train_labels[b]))
+      state, m = run(state, to_device(train_idx[b]), to_device(rd.train_labels[b]))
       window.append(m)
     jax.block_until_ready(m)  # so that the progress bar and its ETA follow the computation
     bar.update(1)
@@ -313,7 +329,13 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
       log(f"pretrain: {wall:.1f} s, teacher saved to {teacher_dir}")
       epochs["pretrain"], walls["pretrain"] = cfg.epochs_pretrain, wall
 
-  if cfg.stage in ("all", "distill"):
+  if cfg.stage in ("all", "distill") and spec.num_modalities == 1:
+    # One modality (HSI-Net etc.): no modality can go missing, so there is no student.
+    if teacher is None:
+      raise errors.UserError(f"modalities={cfg.modalities}: one modality, no distill stage; "
+                             "use --stage all or pretrain")
+    log("distill: skipped (one modality: no missing-modality scenario; the teacher is the net)")
+  elif cfg.stage in ("all", "distill"):
     if teacher is None:
       src = cfg.teacher_ckpt or teacher_dir
       if not checkpoint.is_model_checkpoint(src):
@@ -328,7 +350,7 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
     else:
       tcfg = teacher.cfg
       _check_teacher(tcfg, cfg, spec, rd)
-      scfg = tcfg.replace(prompts=True)
+      scfg = tcfg.replace(prompts=cfg.prompts)  # prompts=false: Variant-3, zero-filled
       student = model_lib.DPMamba(scfg, rngs=nnx.Rngs(cfg.seed + 1))  # prompts ~ N(0, 1)
       nnx.update(student, _copy_tree(nnx.state(teacher)))  # everything but the prompts
       log(f"student: {model_lib.param_count(student):,} parameters (teacher + prompts)")
@@ -362,10 +384,13 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
 
 
 def _check_teacher(tcfg, cfg, spec, rd) -> None:
-  want = (tuple(spec.model_bands), cfg.patch_size, int(rd.z.shape[1]))
-  got = (tuple(tcfg.bands), tcfg.patch_size, tcfg.out_dim)
+  want = (tuple(spec.model_bands), cfg.patch_size, int(rd.z.shape[1]), cfg.backbone, cfg.fusion,
+          cfg.mixer)
+  got = (tuple(tcfg.bands), tcfg.patch_size, tcfg.out_dim, tcfg.backbone, tcfg.fusion,
+         tcfg.mixer)
   if want != got:
-    raise errors.UserError(f"teacher checkpoint: (bands, patch_size, out_dim) = {got}, but this "
+    raise errors.UserError(f"teacher checkpoint: (bands, patch_size, out_dim, backbone, fusion, "
+                           f"mixer) = {got}, but this "
                            f"run needs {want}; use a teacher trained on the same data and text "
                            "encoder")
 
@@ -377,8 +402,9 @@ def _check_workdir_config(cfg, workdir: str) -> None:
   if os.path.isfile(path):
     with open(path) as f:
       old = json.load(f)
+    defaults = config_lib.RunConfig().to_dict()  # keys added later read as their defaults
     diff = sorted(k for k in set(old) | set(new)
-                  if k not in _FREE_KEYS and old.get(k) != new.get(k))
+                  if k not in _FREE_KEYS and old.get(k, defaults.get(k)) != new.get(k))
     if diff:
       k = diff[0]
       raise errors.UserError(

@@ -1,0 +1,203 @@
+"""Train-step and inference benchmark at a dataset's real batch, patch and band counts.
+
+  python tools/bench.py [--dataset trento --dataset houston ...] [--scan-impl auto ...]
+                        [--steps 5] [--infer-batch 512] [--json] [--out bench.json]
+
+Random inputs of the real shapes (the scene is random too, at the dataset's public size). Each
+(dataset, scan impl) runs in a fresh subprocess, so `compile_s` is a cold compile and
+`peak_rss_mb` is that configuration's own peak. The steps are `dpmamba_jax.steps`'
+make_teacher_step / make_student_step / make_predict_step (the real jitted train steps: patch
+gather from the on-device scene, model, loss, grad, AdamW). Measured per configuration:
+
+  first_step_s    wall time of the first teacher step (trace + compile + run)
+  compile_s       first_step_s minus the median teacher step
+  teacher_step_s  median of --steps teacher steps after one warm-up
+  student_step_s  same for the student step (its teacher forward included)
+  infer_patches_per_s  eval forward + prediction at batch --infer-batch
+  peak_rss_mb     resource.getrusage peak of the subprocess
+
+`--scan-impl all` runs every selective-scan implementation side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from dpmamba_jax import errors
+
+DEFAULT_SCENES = {"trento": (166, 600), "houston": (349, 1905), "augsburg": (332, 485)}
+KEYS = ("teacher_step_s", "student_step_s", "infer_patches_per_s", "compile_s", "first_step_s",
+        "peak_rss_mb")
+
+
+def _median_time(fn, n: int) -> float:
+  ts = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int) -> dict:
+  """Benchmarks one (dataset, scan impl) in this process. Returns the KEYS dict (+ context)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from dpmamba_jax import datasets
+  from dpmamba_jax import model as model_lib
+  from dpmamba_jax import scan
+  from dpmamba_jax import steps
+
+  spec = datasets.get_spec(dataset)
+  cfg = model_lib.ModelConfig.for_dataset(spec, scan_impl=scan_impl)
+  p, bsz, n_cls = spec.patch_size, spec.batch_size, spec.num_classes
+  h, w = spec.scene_shape or DEFAULT_SCENES.get(spec.name, (128, 128))
+  r = p // 2
+  rng = np.random.default_rng(0)
+  cubes = [jnp.asarray(rng.standard_normal((h + 2 * r, w + 2 * r, c), np.float32))
+           for c in cfg.bands]
+  z = jnp.asarray(rng.standard_normal((n_cls, cfg.out_dim), np.float32))
+  labels = jnp.asarray(np.repeat(np.arange(n_cls), -(-bsz // n_cls))[:bsz].astype(np.int32))
+  idx = jnp.asarray(rng.integers(0, h * w, bsz).astype(np.int32))
+  oc = steps.OptimConfig(lr=3e-4, warmup_init=1e-6, lr_min=1e-6, warmup_steps=10,
+                         total_steps=1000)
+  tx, sched = steps.make_optimizer(oc)
+
+  teacher = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
+  t_graph, t_state = steps.init_train_state(teacher, tx, jax.random.PRNGKey(0))
+  t_step = steps.make_teacher_step(t_graph, tx, sched, width=w, patch_size=p)
+  box = {"t": t_state}
+
+  def teacher_once():
+    box["t"], m = t_step(box["t"], cubes, z, idx, labels)
+    jax.block_until_ready(m)
+
+  t0 = time.perf_counter()
+  teacher_once()
+  first = time.perf_counter() - t0
+  teacher_once()
+  teacher_s = _median_time(teacher_once, steps_n)
+
+  student = model_lib.DPMamba(cfg.replace(prompts=True), rngs=nnx.Rngs(1))
+  s_graph, s_state = steps.init_train_state(student, tx, jax.random.PRNGKey(1))
+  s_step = steps.make_student_step(s_graph, t_graph, tx, sched, width=w, patch_size=p,
+                                   num_modalities=cfg.num_modalities, batch_size=bsz)
+  frozen = (box["t"].params, box["t"].batch_stats)
+  box["s"] = s_state
+
+  def student_once():
+    box["s"], m = s_step(box["s"], frozen, cubes, z, idx, labels)
+    jax.block_until_ready(m)
+
+  student_once()
+  student_once()
+  student_s = _median_time(student_once, steps_n)
+
+  predict = steps.make_predict_step(s_graph, width=w, patch_size=p)
+  idx_i = jnp.asarray(rng.integers(0, h * w, infer_batch).astype(np.int32))
+  mask = jnp.ones((infer_batch, cfg.num_modalities), jnp.float32)
+  s_params, s_rest = box["s"].params, box["s"].batch_stats
+
+  def infer_once():
+    jax.block_until_ready(predict(s_params, s_rest, cubes, z, idx_i, mask))
+
+  infer_once()
+  infer_s = _median_time(infer_once, max(3, steps_n))
+  return dict(dataset=spec.name, scan_impl=scan_impl,
+              resolved_impl=scan.resolve_impl(scan_impl, scan.zigzag_paths(p)),
+              backend=jax.default_backend(), batch=bsz, patch=p, bands=list(cfg.bands),
+              infer_batch=infer_batch, steps_source="dpmamba_jax.steps",
+              teacher_step_s=teacher_s, student_step_s=student_s,
+              infer_patches_per_s=infer_batch / infer_s, first_step_s=first,
+              compile_s=max(first - teacher_s, 0.0),
+              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def _subprocess(dataset: str, impl: str, args) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--dataset", dataset,
+         "--scan-impl", impl, "--steps", str(args.steps), "--infer-batch", str(args.infer_batch)]
+  env = dict(os.environ)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  if out.returncode != 0:
+    tail = " | ".join(out.stderr.strip().splitlines()[-3:])
+    return dict(dataset=dataset, scan_impl=impl, error=f"exit {out.returncode}: {tail}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+  head = ("dataset", "scan", "teacher s", "student s", "infer p/s", "compile s", "RSS MB")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['dataset']} | {r['scan_impl']} | error: {r['error']} |")
+      continue
+    impl = r["scan_impl"] + ("" if r["scan_impl"] != "auto" else f" ({r['resolved_impl']})")
+    lines.append(f"| {r['dataset']} | {impl} | {r['teacher_step_s']:.3f} | "
+                 f"{r['student_step_s']:.3f} | {r['infer_patches_per_s']:.0f} | "
+                 f"{r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+  return "\n".join(lines)
+
+
+@errors.cli_entry
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--dataset", action="append", help="trento (default), houston, augsburg, ...")
+  ap.add_argument("--scan-impl", action="append",
+                  help="auto (default), associative, chunked, sequential, or all")
+  ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+  ap.add_argument("--infer-batch", type=int, default=512)
+  ap.add_argument("--json", action="store_true", help="print only the JSON")
+  ap.add_argument("--out", help="also write the JSON here")
+  ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+
+  from dpmamba_jax import datasets
+  from dpmamba_jax import scan
+  names = args.dataset or ["trento"]
+  for n in names:
+    datasets.get_spec(n)  # UserError for unknown names
+  impls = args.scan_impl or ["auto"]
+  if "all" in impls:
+    impls = [i for i in scan.SELECTIVE_SCAN_IMPLS if i != "sequential"] + ["sequential"]
+  for i in impls:
+    if i not in scan.SELECTIVE_SCAN_IMPLS:
+      raise errors.UserError(f"--scan-impl {i!r}: expected one of "
+                             f"{scan.SELECTIVE_SCAN_IMPLS} or 'all'")
+  if args.steps < 1 or args.infer_batch < 1:
+    raise errors.UserError("--steps and --infer-batch: expected positive ints")
+
+  if args.worker:
+    print(json.dumps(run_one(names[0], impls[0], args.steps, args.infer_batch)))
+    return 0
+
+  rows = [_subprocess(n, i, args) for n in names for i in impls]
+  result = {"machine": f"{os.cpu_count()} CPU cores", "results": rows,
+            "per_dataset": {r["dataset"]: {k: r[k] for k in KEYS}
+                            for r in rows if "error" not in r and r["scan_impl"] == impls[0]}}
+  text = json.dumps(result, indent=1)
+  if args.out:
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text + "\n")
+    os.replace(tmp, args.out)
+  if args.json:
+    print(text)
+  else:
+    print(format_table(rows))
+    print(text)
+  return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
