@@ -212,8 +212,9 @@ def markdown_table(metrics: dict, modalities: Sequence[str], title: str = "") ->
             "|---|---|---|---|---|---|"]
   names = [n for n, _ in masks_lib.eval_scenarios(modalities)]
   for name in names[1:] + names[:1]:  # the paper lists missing scenarios first, complete last
-    for label, key in (("Baseline (teacher, zero-filled)", "teacher"), ("DPMamba (student)",
-                                                                         "student")):
+    teacher_label = ("Baseline (teacher, zero-filled)" if len(modalities) > 1
+                     else f"{modalities[0]}-Net")  # one modality: the teacher is the whole net
+    for label, key in ((teacher_label, "teacher"), ("DPMamba (student)", "student")):
       m = metrics.get(key, {}).get(name)
       if m is None:
         continue

@@ -353,7 +353,8 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
       scfg = tcfg.replace(prompts=cfg.prompts)  # prompts=false: Variant-3, zero-filled
       student = model_lib.DPMamba(scfg, rngs=nnx.Rngs(cfg.seed + 1))  # prompts ~ N(0, 1)
       nnx.update(student, _copy_tree(nnx.state(teacher)))  # everything but the prompts
-      log(f"student: {model_lib.param_count(student):,} parameters (teacher + prompts)")
+      what = "teacher + prompts" if cfg.prompts else "no prompts: missing features zero-filled"
+      log(f"student: {model_lib.param_count(student):,} parameters ({what})")
       student, wall = train_stage("distill", rd, student, workdir, log, teacher=teacher)
       trained_now = True
       checkpoint.save_model(student_dir, student, scfg, dict(
