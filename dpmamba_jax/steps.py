@@ -145,6 +145,19 @@ def _accuracy(v, labels, z):
   return jnp.mean((losses.predict(v, z) == labels).astype(jnp.float32))
 
 
+def _apply_gradients(state: TrainState, tx, schedule, grads, aux, labels, z, rng):
+  """Optimiser update shared by both steps. aux = (loss, loss parts, new running stats, V)."""
+  loss, parts, new_rest, v = aux
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(parts)
+  metrics.update(loss=loss, train_oa=_accuracy(v, labels, z), lr=schedule(state.step),
+                 grad_norm=optax.global_norm(grads))
+  new_state = state.replace(params=params, batch_stats=new_rest, opt_state=opt_state,
+                            step=state.step + 1, rng=rng)
+  return new_state, metrics
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps.
 
@@ -171,17 +184,10 @@ def make_teacher_step(graphdef, tx: optax.GradientTransformation, schedule: opta
       v = model(xs, None, train=True, dropout_key=drop_key)  # (B, D)
       loss, parts = losses.teacher_loss(v, labels, z)
       _, _, new_rest = split_model(model)
-      return loss, (parts, new_rest, v)
+      return loss, (loss, parts, new_rest, v)
 
-    (loss, (parts, new_rest, v)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(parts)
-    metrics.update(loss=loss, train_oa=_accuracy(v, labels, z), lr=schedule(state.step),
-                   grad_norm=optax.global_norm(grads))
-    new_state = state.replace(params=params, batch_stats=new_rest, opt_state=opt_state,
-                              step=state.step + 1, rng=rng)
-    return new_state, metrics
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+    return _apply_gradients(state, tx, schedule, grads, aux, labels, z, rng)
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
@@ -218,18 +224,10 @@ def make_student_step(graphdef, teacher_graphdef, tx: optax.GradientTransformati
       v_s = model(xs, mask, train=True, dropout_key=drop_key)  # (B, D)
       loss, parts = losses.student_loss(v_s, v_t, labels, z, distill=distill)
       _, _, new_rest = split_model(model)
-      return loss, (parts, new_rest, v_s)
+      return loss, (loss, parts, new_rest, v_s)
 
-    (loss, (parts, new_rest, v_s)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(parts)
-    metrics.update(loss=loss, train_oa=_accuracy(v_s, labels, z), lr=schedule(state.step),
-                   grad_norm=optax.global_norm(grads))
-    new_state = state.replace(params=params, batch_stats=new_rest, opt_state=opt_state,
-                              step=state.step + 1, rng=rng)
-    return new_state, metrics
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
+    return _apply_gradients(state, tx, schedule, grads, aux, labels, z, rng)
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)

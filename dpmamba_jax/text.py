@@ -32,7 +32,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 import zlib
 from typing import Any, Mapping, Sequence
@@ -40,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dpmamba_jax import clip_tokenizer
+from dpmamba_jax import fileio
 from dpmamba_jax.errors import UserError, cli_entry
 
 ENCODERS = ("clip", "minilm", "random")
@@ -602,15 +602,7 @@ def _write_cache(path: str, feats: TextFeatures, texts: Sequence[str], key: str)
   np.savez(buf, features=feats.features, encoder=np.str_(feats.encoder),
            weights_sha256=np.str_(feats.weights_sha256 or ""), texts=np.array(list(texts)),
            key=np.str_(key))
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  fileio.write_bytes(path, buf.getvalue())
 
 
 def _compute(encoder: str, weights: str | None, texts: Sequence[str]) -> np.ndarray:
