@@ -326,6 +326,7 @@ def main(argv=None) -> int:
   if args.no_compile_cache:
     overrides["compile_cache"] = False
   cfg, spec = config_lib.resolve(overrides)
+  train.setup_cpu_flags()
   train.setup_compile_cache(cfg.compile_cache)
   rd = train.prepare(cfg, spec, workdir)
   models = {}

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
   rows = h if args.rows is None else args.rows
   if not 1 <= rows <= h:
     raise errors.UserError(f"--rows {rows}: expected 1..{h}")
+  from dpmamba_jax import train
+  train.setup_cpu_flags()
   import jax
   import jax.numpy as jnp
   from flax import nnx
