@@ -126,7 +126,10 @@ def selective_scan_chunked(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
     c_out = zk[..., r_heads + n_state:]  # (B, line, pos, N)
     da = dt * a_head[k]  # (B, line, pos, R)
     before = order[k][:, None, :] <= order[k][:, :, None]  # [line, i, j]: j visited <= i
-    cum = jnp.einsum("lij,bljr->blir", before.astype(np.float32), da)  # inclusive cumsum
+    # inclusive cumsum along the path as a 0/1 matmul; HIGHEST keeps it a float32 sum on backends
+    # whose default matmul precision is lower
+    cum = jnp.einsum("lij,bljr->blir", before.astype(np.float32), da,
+                     precision=jax.lax.Precision.HIGHEST)
     total = da.sum(axis=2)  # (B, line, R)
 
     # in-chunk matrix: M[i, j] = (C_i . B_j) exp(cum_i - cum_j) dt_j, j <= i
