@@ -39,3 +39,38 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Indented JSON with a final newline, atomically."""
   write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_torch_state_dict(path: str, *, skip_non_tensors: bool = False) -> dict:
+  """A PyTorch state dict (.pth/.pt) as {name: numpy array}, never executing code from the file.
+
+  Uses `torch.load(..., weights_only=True)` (torch is an optional dependency); unwraps a
+  {"model": ...} or {"state_dict": ...} checkpoint; floating tensors come back as float32.
+  Raises UserError (one line) when torch is missing or the file is not a plain state dict.
+  """
+  from dpmamba_jax.errors import UserError
+  try:
+    import torch
+  except ImportError:
+    raise UserError(f"{path}: reading .pth/.pt needs torch (pip install torch), or export the "
+                    "state dict to .npz once on a machine with torch (see README)") from None
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - torch raises many kinds for unsafe / corrupt files
+    first = str(e).splitlines()[0] if str(e) else ""
+    raise UserError(f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {first}); "
+                    "TorchScript archives are not supported, export a state_dict") from None
+  for key in ("model", "state_dict"):
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      obj = obj[key]
+  if not isinstance(obj, dict):
+    raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
+  out = {}
+  for k, v in obj.items():
+    if not hasattr(v, "detach"):
+      if skip_non_tensors:
+        continue
+      raise UserError(f"{path}: key '{k}' is a {type(v).__name__}, expected a tensor")
+    v = v.detach().cpu()
+    out[str(k)] = (v.float() if v.is_floating_point() else v).numpy()
+  return out

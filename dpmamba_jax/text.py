@@ -335,21 +335,7 @@ def _clip_weights_file(path: str) -> str:
 
 
 def _torch_load(path: str) -> dict:
-  try:
-    import torch
-  except ImportError:
-    raise UserError(f"{path}: reading .pth/.pt needs torch (pip install torch), or convert it to "
-                    ".npz once on a machine with torch (see README)") from None
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise UserError(f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}); "
-                    "TorchScript archives are not supported, export a state_dict") from None
-  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-    obj = obj["state_dict"]
-  if not isinstance(obj, Mapping):
-    raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
-  return {k: v.detach().float().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+  return fileio.read_torch_state_dict(path, skip_non_tensors=True)
 
 
 def load_clip_text_weights(path: str, *, num_heads: int | None = None):

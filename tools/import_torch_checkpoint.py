@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dpmamba_jax import errors  # noqa: E402
+from dpmamba_jax import fileio  # noqa: E402
 from dpmamba_jax import torch_import  # noqa: E402
 from dpmamba_jax.errors import UserError  # noqa: E402
 
@@ -40,27 +41,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     except OSError as e:
       raise UserError(f"{path}: not a readable .npz ({e})") from None
   if path.endswith((".pth", ".pt", ".bin", ".ckpt")):
-    try:
-      import torch
-    except ImportError:
-      raise UserError(f"{path}: reading .pth needs torch (pip install dpmamba_jax[torch]); or "
-                      "export the state dict to .npz first") from None
-    try:
-      obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for unsafe / corrupt files
-      raise UserError(f"{path}: torch.load(weights_only=True) failed: "
-                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    for key in ("model", "state_dict"):
-      if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-        obj = obj[key]
-    if not isinstance(obj, dict):
-      raise UserError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    out = {}
-    for k, v in obj.items():
-      if not hasattr(v, "detach"):
-        raise UserError(f"{path}: key '{k}' is a {type(v).__name__}, expected a tensor")
-      out[str(k)] = v.detach().cpu().numpy()
-    return out
+    return fileio.read_torch_state_dict(path)
   raise UserError(f"{path}: unknown extension, expected .npz or .pth")
 
 
