@@ -2,7 +2,7 @@
 # GPU check, < 5 minutes on one H100/H200: benchmark, short synthetic train, Houston-sized
 # streaming scene inference, and the parity tests at matmul precision "highest".
 #
-#   tools/gpu_check.sh [OUT_DIR]          # default $OUT if set, else /tmp/dpmamba_gpu_check
+#   tools/gpu_check.sh [OUT_DIR]          # default $OUT if set, else ./gpu_check_out
 #
 # Env: PYTHON (default python3: the device image's Python with CUDA JAX, flax, optax, orbax,
 # chex, pytest), DPMAMBA_PARITY_DIR (golden vectors; default ./shared/parity, then
@@ -15,7 +15,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-OUT_DIR="${1:-${OUT:-/tmp/dpmamba_gpu_check}}"
+OUT_DIR="${1:-${OUT:-gpu_check_out}}"
 BUDGET="${GPU_CHECK_BUDGET_S:-285}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
