@@ -72,6 +72,7 @@ class RunConfig:
   log_every: int = 10                    # epochs between log lines
   ckpt_every: int = 25                   # epochs between training checkpoints
   eval_batch: int = 512
+  eval_subsample: int = 0                # 0: every test pixel; N: a fixed random N of them (grids)
   maps: bool = True
   compile_cache: bool = True
   data_parallel: bool = True             # shard batches over all devices when there are several
@@ -236,6 +237,8 @@ def _validate(cfg: RunConfig, spec) -> None:
   for k in ("epochs_pretrain", "epochs_distill", "warmup_epochs"):
     if getattr(cfg, k) < 0:
       bad(k, "an int >= 0")
+  if cfg.eval_subsample < 0:
+    bad("eval_subsample", "an int >= 0 (0 = every test pixel)")
   for k in ("batch_size", "train_per_class", "patch_size", "log_every", "ckpt_every",
             "eval_batch"):
     if getattr(cfg, k) < 1:

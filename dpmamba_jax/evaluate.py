@@ -165,18 +165,34 @@ def inference_mesh(rd, batch: int | None):
   return cache[batch]
 
 
+def test_pixels(rd) -> np.ndarray:
+  """The flat test-pixel indices the run is scored on (sorted).
+
+  Every test pixel of the split, unless the run config sets eval_subsample = N > 0 (quick
+  ablation grids): then a fixed uniform random N of them, drawn from the run's seed, the same
+  subset for every model and scenario of the run.
+  """
+  idx = np.asarray(rd.split.test_idx)
+  n = int(getattr(rd.cfg, "eval_subsample", 0) or 0)
+  if n <= 0 or n >= idx.size:
+    return idx
+  rng = np.random.default_rng([int(rd.cfg.seed), 20250801])
+  return np.sort(rng.choice(idx, size=n, replace=False))
+
+
 def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
                    scenarios: Sequence[tuple[str, Any]] | None = None) -> dict:
-  """{scenario: scores} for one model over the test pixels of the run's split.
+  """{scenario: scores} for one model over the test pixels of the run's split (`test_pixels`).
 
   `rd` is a train.RunData (device cubes, text features z, split, labels, spec).
   """
   from dpmamba_jax import data
   predict_fn, params, rest = predictor(model, rd, batch)
-  y_true = data.labels_at(rd.labels, rd.split.test_idx)
+  test_idx = test_pixels(rd)
+  y_true = data.labels_at(rd.labels, test_idx)
   out = {}
   for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):
-    pred = predict_pixels(predict_fn, params, rest, rd.cubes, rd.z, rd.split.test_idx, row,
+    pred = predict_pixels(predict_fn, params, rest, rd.cubes, rd.z, test_idx, row,
                           rd.spec.num_modalities, batch, desc=f"eval {which} {name}")
     out[name] = scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
   return out
@@ -258,6 +274,9 @@ def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> Non
   config_lib.save_json(os.path.join(workdir, "metrics.json"), metrics)
   title = (f"{metrics['dataset']}, seed {metrics['seed']}, text encoder "
            f"{metrics['text_encoder']}, last-epoch models")
+  tp = metrics.get("test_pixels")
+  if tp and tp["scored"] != tp["of"]:
+    title += f", scored on a fixed random {tp['scored']} of the {tp['of']} test pixels"
   config_lib.save_text(os.path.join(workdir, "metrics.md"), markdown_table(metrics, modalities,
                                                                              title))
 
@@ -279,9 +298,11 @@ def evaluate_run(rd, workdir: str, teacher=None, student=None, *, epochs: dict,
   metrics["wall_time_s"] = {"pretrain": float(wall_time_s.get("pretrain", 0.0)),
                             "distill": float(wall_time_s.get("distill", 0.0)),
                             "evaluate": float(time.time() - t0)}
+  n_test, n_all = int(test_pixels(rd).size), int(rd.split.test_idx.size)
+  metrics["test_pixels"] = {"scored": n_test, "of": n_all}
   write_metrics(workdir, metrics, rd.spec.modalities)
-  n_test = int(rd.split.test_idx.size)
-  log(f"evaluation on {n_test} test pixels "
+  sub = "" if n_test == n_all else f" (a fixed random subset of the {n_all}: eval_subsample)"
+  log(f"evaluation on {n_test} test pixels{sub} "
       f"({'including' if rd.cfg.include_train_in_test else 'excluding'} the training pixels), "
       f"last-epoch models:")
   log(markdown_table(metrics, rd.spec.modalities))

@@ -39,8 +39,8 @@ class ModelConfig:
   af_dropout: dropout on the attention-fusion weights in training.
   prompts: True for the student (missing-modality prompts), False for the teacher.
   scan_impl: selective-scan implementation, one of scan.SELECTIVE_SCAN_IMPLS: "auto" (default:
-    "chunked" on CPU, "associative" elsewhere), "associative", "chunked" or "sequential"
-    (reference). All compute the same function.
+    "recurrent" on CPU, "associative" elsewhere), "associative", "chunked", "recurrent" or
+    "sequential" (reference). All compute the same function.
   backbone: "mamba" (the method: modality-aware Mamba blocks) | "vit" (ablation Variant-2a:
     one transformer layer per block, `vit.ViTBlock`).
   fusion: "af" (the method: attention fusion) | "add" (Variant-2b: plain sum, `variants.AddFusion`).

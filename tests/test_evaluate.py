@@ -88,3 +88,17 @@ def test_summarize_runs_mean_std():
   assert s["wall_time_s"]["evaluate"] == 6.0
   md = evaluate.markdown_table(s, ("HSI", "LiDAR"))
   assert "91.00 ± 1.41" in md
+
+
+def test_test_pixels_subsample_fixed_per_seed():
+  import types
+  split = types.SimpleNamespace(test_idx=np.arange(0, 5000, 5, dtype=np.int32))  # 1000 pixels
+  rd = lambda n, seed: types.SimpleNamespace(split=split, cfg=types.SimpleNamespace(
+      eval_subsample=n, seed=seed))
+  np.testing.assert_array_equal(evaluate.test_pixels(rd(0, 0)), split.test_idx)
+  np.testing.assert_array_equal(evaluate.test_pixels(rd(5000, 0)), split.test_idx)
+  a, b, c = (evaluate.test_pixels(rd(300, s)) for s in (0, 0, 1))
+  assert a.size == 300 and np.unique(a).size == 300 and np.all(np.diff(a) > 0)
+  assert np.isin(a, split.test_idx).all()
+  np.testing.assert_array_equal(a, b)  # the same subset for every model of a run
+  assert not np.array_equal(a, c)  # another seed, another subset

@@ -29,16 +29,31 @@ CASES = [  # (B, P, D, heads R, N)
 ]
 
 
+@pytest.mark.parametrize("impl", ["chunked", "recurrent"])
 @pytest.mark.parametrize("bsz,p,dim,heads,n_state", CASES)
-def test_chunked_values_match_numpy(bsz, p, dim, heads, n_state):
+def test_fast_impls_match_numpy(bsz, p, dim, heads, n_state, impl):
   args = _random_ssm(p, bsz, p, dim, heads, n_state)
   paths = scan.zigzag_paths(p)
   assert ssd_chunked.supports(paths)
   ref = scan.selective_scan_numpy(*[np.asarray(a) for a in args], paths)
   with jax.default_matmul_precision("highest"):
-    y = jax.jit(lambda *a: scan.selective_scan(*a, paths, impl="chunked"))(*args)
+    y = jax.jit(lambda *a: scan.selective_scan(*a, paths, impl=impl))(*args)
   chex.assert_shape(y, (bsz, p * p, dim))
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=2e-5)
+
+
+def test_recurrent_any_permutation_paths_and_no_retrace():
+  # the recurrent form needs no row/column structure: arbitrary permutations work
+  perm = np.stack([np.random.default_rng(k).permutation(16) for k in range(4)]).astype(np.int32)
+  args = _random_ssm(5, 3, 4, 8, 2, 2)
+  ref = scan.selective_scan_numpy(*[np.asarray(a) for a in args], perm)
+  f = jax.jit(chex.assert_max_traces(
+      lambda *a: scan.selective_scan(*a, perm, impl="recurrent"), n=1))
+  with jax.default_matmul_precision("highest"):
+    y = f(*args)
+    y2 = f(*[a + 0.0 for a in args])
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
 
 
 @pytest.mark.parametrize("bsz,p,dim,heads,n_state", [(2, 3, 8, 2, 1), (1, 4, 8, 4, 2)])
@@ -53,7 +68,7 @@ def test_all_impls_same_gradients(bsz, p, dim, heads, n_state):
 
   with jax.default_matmul_precision("highest"):
     ref = grads("sequential")
-    for impl in ("associative", "chunked"):
+    for impl in ("associative", "chunked", "recurrent"):
       chex.assert_trees_all_close(grads(impl), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -91,7 +106,7 @@ def test_line_structure_and_fallback():
 
 
 def test_resolve_impl():
-  want = "chunked" if jax.default_backend() == "cpu" else "associative"
+  want = "recurrent" if jax.default_backend() == "cpu" else "associative"
   assert scan.resolve_impl("auto", scan.zigzag_paths(5)) == want
   assert scan.resolve_impl("associative") == "associative"
   with pytest.raises(ValueError, match="scan impl"):
@@ -104,10 +119,11 @@ def test_model_outputs_agree_across_impls():
   state = nnx.state(model_lib.DPMamba(cfg, rngs=nnx.Rngs(0)))
   outs = {}
   with jax.default_matmul_precision("highest"):
-    for impl in ("associative", "chunked"):
+    for impl in ("associative", "chunked", "recurrent"):
       model = model_lib.DPMamba(cfg.replace(scan_impl=impl), rngs=nnx.Rngs(0))
       outs[impl] = model_lib.make_forward(model)(state, xs, None)
   chex.assert_trees_all_close(outs["chunked"], outs["associative"], rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(outs["recurrent"], outs["associative"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("groups,cin,cout", [(4, 8, 8), (8, 8, 8), (2, 4, 6)])

@@ -301,6 +301,12 @@ def _notes(grid: dict, dataset_names, variants, seeds, epochs_requested) -> list
                    f"(the default for {dataset}: {spec.epochs}).")
   if epochs_requested is not None and not used:
     notes.append(f"epochs requested: {epochs_requested} per stage.")
+  subsets = sorted({(r["test_pixels"]["scored"], r["test_pixels"]["of"])
+                    for runs in grid.values() for r in runs
+                    if r.get("test_pixels") and r["test_pixels"]["scored"] != r["test_pixels"]["of"]})
+  if subsets:
+    notes.append("Scored on a fixed random subset of each run's test pixels (eval_subsample): "
+                 + ", ".join(f"{a:,} of {b:,}" for a, b in subsets) + ".")
   if missing:
     notes.append("Missing runs (shown as — or with n=k): " + ", ".join(sorted(missing)) + ".")
   encoders = sorted({r.get("text_encoder", "?") for runs in grid.values() for r in runs})
