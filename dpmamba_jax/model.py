@@ -169,16 +169,16 @@ class Conv3x3(nnx.Module):
     self.kernel = nnx.Param(_uniform(bound)(rngs.params(), (3, 3, cin // groups, cout)))
     self.bias = nnx.Param(_uniform(bound)(rngs.params(), (cout,)))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, cin) -> (B, H, W, cout)."""
+  def __call__(self, x: jax.Array, layout: str = "NHWC") -> jax.Array:
+    """x: (B, H, W, cin) -> (B, H, W, cout); with layout "HWNC", (H, W, B, cin) -> (H, W, B, cout)."""
     kernel, groups = self.kernel[...], self.groups
     cin = kernel.shape[2] * groups
     if groups > 1 and kernel.shape[2] <= SHIFT_CONV_MAX_CIN_PER_GROUP:
-      return _grouped_conv3x3(x, kernel, groups) + self.bias[...]
+      return _grouped_conv3x3(x, kernel, groups, layout) + self.bias[...]
     if groups > 1 and cin * kernel.shape[3] <= DENSE_GROUPED_CONV_MAX:
       kernel, groups = _block_diagonal_kernel(kernel, groups), 1
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     dimension_numbers=(layout, "HWIO", layout),
                                      feature_group_count=groups)
     return y + self.bias[...]
 
@@ -190,26 +190,34 @@ SHIFT_CONV_MAX_CIN_PER_GROUP = 4
 
 
 def _expand_group_input(xp: jax.Array, groups: int, cin_g: int, cout_g: int, j: int):
-  """(B, H, W, cin) -> (B, H, W, cout): output channel o sees its group's j-th input channel."""
-  b, h, w, _ = xp.shape
-  xj = xp.reshape(b, h, w, groups, cin_g)[..., j]  # (B, H, W, groups)
-  return jnp.broadcast_to(xj[..., None], xj.shape + (cout_g,)).reshape(b, h, w, groups * cout_g)
+  """(..., cin) -> (..., cout): output channel o sees its group's j-th input channel."""
+  lead = xp.shape[:-1]
+  xj = xp.reshape(lead + (groups, cin_g))[..., j]  # (..., groups)
+  return jnp.broadcast_to(xj[..., None], xj.shape + (cout_g,)).reshape(lead + (groups * cout_g,))
 
 
-def _shift_conv3x3(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
+_SPATIAL_AXES = {"NHWC": (1, 2), "HWNC": (0, 1)}
+
+
+def _shift_conv3x3(x: jax.Array, kernel: jax.Array, groups: int, layout: str = "NHWC"):
   """Grouped 3x3 cross-correlation, zero padding 1, as shifted multiply-adds.
 
-  x: (B, H, W, cin); kernel: (3, 3, cin/groups, cout) -> (B, H, W, cout).
+  x: (B, H, W, cin) for layout "NHWC" or (H, W, B, cin) for "HWNC"; kernel:
+  (3, 3, cin/groups, cout) -> the same layout with cout channels.
   """
-  _, h, w, _ = x.shape
+  ay, ax = _SPATIAL_AXES[layout]
+  h, w = x.shape[ay], x.shape[ax]
   cin_g, cout = kernel.shape[2], kernel.shape[3]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  pad = [(0, 0)] * x.ndim
+  pad[ay] = pad[ax] = (1, 1)
+  xp = jnp.pad(x, pad)
   y = None
   for j in range(cin_g):
     xj = _expand_group_input(xp, groups, cin_g, cout // groups, j)
     for dy in range(3):
+      rows = jax.lax.slice_in_dim(xj, dy, dy + h, axis=ay)
       for dx in range(3):
-        term = xj[:, dy:dy + h, dx:dx + w] * kernel[dy, dx, j]
+        term = jax.lax.slice_in_dim(rows, dx, dx + w, axis=ax) * kernel[dy, dx, j]
         y = term if y is None else y + term
   return y
 
@@ -224,26 +232,28 @@ def _transposed_group_kernel(kernel: jax.Array, groups: int) -> jax.Array:
   return kernel[::-1, ::-1][:, :, i % cin_g, (i // cin_g) * cout_g + ol]
 
 
-def _dense_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _dense_conv3x3(x: jax.Array, kernel: jax.Array, layout: str = "NHWC") -> jax.Array:
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=(layout, "HWIO", layout))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _grouped_conv3x3(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
-  return _shift_conv3x3(x, kernel, groups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _grouped_conv3x3(x: jax.Array, kernel: jax.Array, groups: int,
+                     layout: str = "NHWC") -> jax.Array:
+  return _shift_conv3x3(x, kernel, groups, layout)
 
 
-def _grouped_conv3x3_fwd(x, kernel, groups):
-  return _shift_conv3x3(x, kernel, groups), (x, kernel)
+def _grouped_conv3x3_fwd(x, kernel, groups, layout):
+  return _shift_conv3x3(x, kernel, groups, layout), (x, kernel)
 
 
-def _grouped_conv3x3_bwd(groups, res, g):
+def _grouped_conv3x3_bwd(groups, layout, res, g):
   # d/dx: the same shifted form with the flipped, group-transposed kernel. d/dkernel: XLA's
   # filter gradient of the block-diagonal dense conv (faster on CPU than 9 * cin_g reductions).
   x, kernel = res
-  dx = _shift_conv3x3(g, _transposed_group_kernel(kernel, groups), groups)
-  _, vjp = jax.vjp(lambda k: _dense_conv3x3(x, _block_diagonal_kernel(k, groups)), kernel)
+  dx = _shift_conv3x3(g, _transposed_group_kernel(kernel, groups), groups, layout)
+  _, vjp = jax.vjp(lambda k: _dense_conv3x3(x, _block_diagonal_kernel(k, groups), layout),
+                   kernel)
   return dx, vjp(g)[0]
 
 
@@ -324,13 +334,17 @@ class AttentionFusion(nnx.Module):
 
   def __call__(self, zs: Sequence[jax.Array], *, rate: float = 0.0,
                key: jax.Array | None = None) -> jax.Array:
-    """zs: n arrays (B, H, W, C) -> (B, H, W, C). Dropout on the weights when key is given."""
-    z = jnp.stack(list(zs))  # (n, B, H, W, C)
-    w = jax.nn.softmax(self.score(z), axis=0)  # (n, B, H, W, 1)
+    """zs: n arrays (..., C) -> (..., C). Dropout on the weights when key is given."""
+    # softmax over the list written out per input: no stacked (n, ..., C) copy, one fused pass
+    scores = [self.score(z) for z in zs]  # n x (..., 1)
+    top = functools.reduce(jnp.maximum, scores)
+    exps = [jnp.exp(s - top) for s in scores]
+    total = sum(exps)
+    ws = [e / total for e in exps]
     if key is not None and rate > 0.0:
-      keep = jax.random.bernoulli(key, 1.0 - rate, w.shape)
-      w = jnp.where(keep, w / (1.0 - rate), 0.0)
-    return (w * z).sum(axis=0)
+      keep = jax.random.bernoulli(key, 1.0 - rate, (len(ws),) + ws[0].shape)
+      ws = [jnp.where(keep[i], w / (1.0 - rate), 0.0) for i, w in enumerate(ws)]
+    return sum(w * z for w, z in zip(ws, zs))
 
 
 class ZigzagSSM(nnx.Module):
@@ -344,11 +358,16 @@ class ZigzagSSM(nnx.Module):
     self.a_log = nnx.Param(jnp.zeros((k, heads), jnp.float32))  # A = -1 at init
     self.d_skip = nnx.Param(jnp.ones((k, hidden), jnp.float32))  # (K, D)
 
-  def __call__(self, x: jax.Array, *, impl: str = "auto") -> jax.Array:
-    """x: (B, P, P, D) -> (B, P, P, D)."""
+  def __call__(self, x: jax.Array, *, impl: str = "auto", layout: str = "NHWC") -> jax.Array:
+    """x: (B, P, P, D) -> (B, P, P, D); layout "HWNC": (P, P, B, D) -> (P, P, B, D)."""
+    args = (self.x_proj[...], self.dt_bias[...], self.a_log[...], self.d_skip[...])
+    if layout == "HWNC":  # already token-major: (P*P, B, D)
+      p, q, b, d = x.shape
+      y = scan.selective_scan(x.reshape(p * q, b, d), *args, scan.zigzag_paths(p), impl=impl,
+                              time_major=True)
+      return y.reshape(p, q, b, d)
     b, p, q, d = x.shape
-    y = scan.selective_scan(x.reshape(b, p * q, d), self.x_proj[...], self.dt_bias[...],
-                            self.a_log[...], self.d_skip[...], scan.zigzag_paths(p), impl=impl)
+    y = scan.selective_scan(x.reshape(b, p * q, d), *args, scan.zigzag_paths(p), impl=impl)
     return y.reshape(b, p, q, d)
 
 
@@ -372,7 +391,11 @@ class MAMambaBlock(nnx.Module):
 
   No residuals. For M == 1 there is no cross branch and the per-modality fusion sees only its
   own input (its softmax weight is 1).
+
+  Features are (P, P, B, h) here (`layout` "HWNC", token-major): the selective scan runs on
+  (P*P, B, h) tokens without a transpose, and the shifted convs slice whole (B, h) slabs.
   """
+  layout = "HWNC"
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     h, m_count = cfg.hidden, cfg.num_modalities
@@ -402,7 +425,7 @@ class MAMambaBlock(nnx.Module):
 
   def __call__(self, fs: Sequence[jax.Array], *, key: jax.Array | None = None,
                details: dict | None = None) -> list[jax.Array]:
-    """fs: M arrays (B, P, P, h) -> M arrays (B, P, P, h). key: AF dropout (train) or None."""
+    """fs: M arrays (P, P, B, h) -> M arrays (P, P, B, h). key: AF dropout (train) or None."""
     m_count = self.num_modalities
     keys = [None] * (m_count + 1) if key is None else list(jax.random.split(key, m_count + 1))
     det = details if details is not None else {}
@@ -411,9 +434,9 @@ class MAMambaBlock(nnx.Module):
     if m_count >= 2:
       c = self.cross_af(a, rate=self.af_dropout, key=keys[m_count])
       det["cross_af"] = c
-      c = self.cross_conv(self.ln2(c))
+      c = self.cross_conv(self.ln2(c), self.layout)
       det["cross_conv"] = c
-      c = self.cross_ssm(c, impl=self.scan_impl)
+      c = self.cross_ssm(c, impl=self.scan_impl, layout=self.layout)
       det["cross_ssm"] = c
       c = jax.nn.silu(self.cross_proj(c))
       det["cross_out"] = c
@@ -421,9 +444,9 @@ class MAMambaBlock(nnx.Module):
     for m in range(m_count):
       y = self.af[m]([a[m]] if c is None else [a[m], c], rate=self.af_dropout, key=keys[m])
       det[f"af/m{m}"] = y
-      y = self.conv[m](self.ln3[m](y))
+      y = self.conv[m](self.ln3[m](y), self.layout)
       det[f"conv/m{m}"] = y
-      y = self.ssm[m](y, impl=self.scan_impl)
+      y = self.ssm[m](y, impl=self.scan_impl, layout=self.layout)
       det[f"ssm/m{m}"] = y
       outs.append(jax.nn.silu(self.out_proj[m](y)))
     return outs
@@ -501,14 +524,21 @@ class DPMamba(nnx.Module):
       fs.append(f)
     block_keys = (None if not train or dropout_key is None or cfg.af_dropout == 0
                   else jax.random.split(dropout_key, max(cfg.depth, 1)))
+    # The Mamba blocks work token-major, (P, P, B, h): one transpose here instead of two around
+    # every selective scan. `details` are always (B, P, P, h).
+    token_major = bool(self.blocks) and getattr(self.blocks[0], "layout", "NHWC") == "HWNC"
+    to_bhwc = (lambda x: jnp.transpose(x, (2, 0, 1, 3))) if token_major else (lambda x: x)
+    if token_major:
+      fs = [jnp.transpose(f, (1, 2, 0, 3)) for f in fs]  # (P, P, B, h)
     for i, blk in enumerate(self.blocks):
       d_blk = {}
       fs = blk(fs, key=None if block_keys is None else block_keys[i], details=d_blk)
       for k, v in d_blk.items():
-        det[f"block{i}_detail/{k}"] = v
+        det[f"block{i}_detail/{k}"] = to_bhwc(v)
       for m, f in enumerate(fs):
-        det[f"block{i}/m{m}"] = f
-    pooled = self.head_norm(jnp.concatenate(fs, axis=-1)).mean(axis=(1, 2))  # (B, h*M)
+        det[f"block{i}/m{m}"] = to_bhwc(f)
+    spatial = (0, 1) if token_major else (1, 2)
+    pooled = self.head_norm(jnp.concatenate(fs, axis=-1)).mean(axis=spatial)  # (B, h*M)
     det["head_pooled"] = pooled
     return self.head(pooled)
 

@@ -184,7 +184,8 @@ def resolve_impl(impl: str, paths: np.ndarray | None = None) -> str:
 
 
 def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: jax.Array,
-                   d_skip: jax.Array, paths: np.ndarray, *, impl: str = "associative") -> jax.Array:
+                   d_skip: jax.Array, paths: np.ndarray, *, impl: str = "associative",
+                   time_major: bool = False) -> jax.Array:
   """Four-direction selective SSM over a flattened patch, summed in raster order (spec §2.6).
 
   Args:
@@ -195,6 +196,8 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
     a_log: (K, R); A = -exp(a_log), one scalar per head.
     d_skip: (K, D) skip weight per direction and channel.
     paths: (K, L) int scan orders (numpy, static), e.g. ``zigzag_paths(P)``.
+    time_major: u (and the result) are (L, B, D) instead of (B, L, D); the "recurrent" impl
+      works in that layout, the others transpose.
     impl: "associative" (one associative_scan over all directions and heads), "sequential"
       (lax.scan reference), "chunked" (`ssd_chunked`: P x P in-chunk matrices, no per-direction
       gathers; falls back to "associative" for paths without row/column chunks), "recurrent"
@@ -202,13 +205,20 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
       ("recurrent" on the CPU backend, where it is the fastest, else "associative").
 
   Returns:
-    (B, L, D) float32: sum over directions of the outputs, in raster order.
+    (B, L, D) float32: sum over directions of the outputs, in raster order ((L, B, D) when
+    time_major).
   """
   impl = resolve_impl(impl, paths)
+  if impl == "recurrent":
+    if time_major:
+      return selective_scan_recurrent(u, x_proj, dt_bias, a_log, d_skip, paths)
+    return jnp.swapaxes(selective_scan_recurrent(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log,
+                                                 d_skip, paths), 0, 1)
+  if time_major:
+    return jnp.swapaxes(selective_scan(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log, d_skip,
+                                       paths, impl=impl), 0, 1)
   if impl == "chunked":
     return ssd_chunked.selective_scan_chunked(u, x_proj, dt_bias, a_log, d_skip, paths)
-  if impl == "recurrent":
-    return selective_scan_recurrent(u, x_proj, dt_bias, a_log, d_skip, paths)
   gather, merge = path_ops(paths)
   bsz, length, dim = u.shape
   k_dirs, r_heads = a_log.shape
@@ -235,22 +245,22 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
   return merge(y)  # back to raster order, summed over directions: (B, L, D)
 
 
-def selective_scan_recurrent(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
+def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
                              a_log: jax.Array, d_skip: jax.Array, paths: np.ndarray) -> jax.Array:
-  """`selective_scan` as one lax.scan over the L path positions, all K directions per step.
+  """`selective_scan` on time-major tokens as one lax.scan over the L path positions.
 
-  The tokens are put time-major, (L, B, D), once: the K tokens a step visits are then K
-  contiguous (B, D) slabs (a cheap row gather), the per-step work is elementwise on (K, B, D)
-  arrays and each direction's output is added into its token's slab in place. No (B, K, L, D)
-  array exists; on CPU this is several times faster than the chunked and associative forms.
-  Same arguments and result as `selective_scan`.
+  u_tm: (L, B, D) tokens in raster order, time-major -> (L, B, D). With the tokens time-major
+  the K tokens a step visits (one per direction) are K contiguous (B, D) slabs (a cheap row
+  gather), the per-step work is elementwise on (K, B, D) arrays and each direction's output is
+  added into its token's slab in place. No (B, K, L, D) array exists; on CPU this is several
+  times faster than the chunked and associative forms. Other arguments as `selective_scan`.
   """
-  bsz, length, dim = u.shape
+  length, bsz, dim = u_tm.shape
   k_dirs, r_heads = a_log.shape
   n_state = (x_proj.shape[-1] - r_heads) // 2
   head_dim = dim // r_heads
   f32 = jnp.float32
-  u_tm = jnp.swapaxes(u.astype(f32), 0, 1)  # (L, B, D)
+  u_tm = u_tm.astype(f32)
   # one plain (L*B, D) @ (D, K*E) matmul: an einsum with K ahead of B in its output makes XLA:CPU
   # transpose the whole (L*B, D) input first
   w_all = jnp.swapaxes(x_proj.astype(f32), 0, 1).reshape(dim, -1)  # (D, K*E)
@@ -261,6 +271,7 @@ def selective_scan_recurrent(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array
   c_out = z[..., r_heads + n_state:]  # (L, B, K, N)
   path_idx = jnp.asarray(np.asarray(paths, np.int32))  # (K, L)
   dirs = jnp.arange(k_dirs)
+  d_skip = d_skip.astype(f32).reshape(k_dirs, 1, r_heads, head_dim, 1)
 
   def step(carry, t):
     h, out = carry  # (K, B, R, Dh, N), (L, B, D)
@@ -270,13 +281,13 @@ def selective_scan_recurrent(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array
     drive = (dt[tok, :, dirs][..., None, None] * x_t
              * b_in[tok, :, dirs][:, :, None, None, :])  # (K, B, R, Dh, N)
     h = decay[tok, :, dirs][..., None, None] * h + drive
-    y_t = (h * c_out[tok, :, dirs][:, :, None, None, :]).sum(-1).reshape(k_dirs, bsz, dim)
+    y_t = (h * c_out[tok, :, dirs][:, :, None, None, :]).sum(-1, keepdims=True) + d_skip * x_t
+    y_t = y_t.reshape(k_dirs, bsz, dim)
     return (h, out.at[tok].add(y_t)), None
 
   h0 = jnp.zeros((k_dirs, bsz, r_heads, head_dim, n_state), f32)
   (_, out), _ = jax.lax.scan(step, (h0, jnp.zeros_like(u_tm)), jnp.arange(length))
-  # the D skip commutes with the path permutations: sum_k d_k * x
-  return jnp.swapaxes(out, 0, 1) + u.astype(f32) * d_skip.astype(f32).sum(axis=0)
+  return out
 
 
 def selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths) -> np.ndarray:

@@ -57,10 +57,10 @@ class DWConvMixer(nnx.Module):
   def __init__(self, hidden: int, *, rngs: nnx.Rngs):
     self.conv = model_lib.Conv3x3(hidden, hidden, hidden, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, impl: str | None = None) -> jax.Array:
-    """x: (B, P, P, h) -> (B, P, P, h)."""
+  def __call__(self, x: jax.Array, *, impl: str | None = None, layout: str = "NHWC") -> jax.Array:
+    """x: (B, P, P, h) -> (B, P, P, h), or (P, P, B, h) with layout "HWNC"."""
     del impl
-    return self.conv(x)
+    return self.conv(x, layout)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,7 +139,15 @@ def test_shift_grouped_conv_matches_lax_grouped_conv(groups, cin, cout):
                                         feature_group_count=groups)
 
   new = lambda x, k: model_lib._grouped_conv3x3(x, k, groups)
+  # the token-major layout of the blocks: (H, W, B, C) in and out
+  hwnc = lambda x, k: jnp.transpose(model_lib._grouped_conv3x3(
+      jnp.transpose(x, (1, 2, 0, 3)), k, groups, "HWNC"), (2, 0, 1, 3))
   loss = lambda f: (lambda x, k: jnp.sum(w * f(x, k)))
+  with jax.default_matmul_precision("highest"):
+    chex.assert_trees_all_close(jax.jit(hwnc)(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss(hwnc), argnums=(0, 1)))(x, kernel),
+                                jax.grad(loss(ref), argnums=(0, 1))(x, kernel),
+                                rtol=1e-4, atol=1e-4)
   with jax.default_matmul_precision("highest"):
     chex.assert_trees_all_close(jax.jit(new)(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(jax.jit(jax.grad(loss(new), argnums=(0, 1)))(x, kernel),

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--dataset", action="append", help="trento (default), houston, augsburg, ...")
   ap.add_argument("--scan-impl", action="append",
-                  help="auto (default), associative, chunked, sequential, or all")
+                  help="auto (default), recurrent, associative, chunked, sequential, or all")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
   ap.add_argument("--infer-batch", type=int, default=512)
   ap.add_argument("--xla-flags", default=CPU_XLA_FLAGS,
