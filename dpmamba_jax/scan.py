@@ -269,25 +269,95 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
   decay = jnp.exp(dt * -jnp.exp(a_log.astype(f32)))  # (L, B, K, R)
   b_in = z[..., r_heads:r_heads + n_state]  # (L, B, K, N)
   c_out = z[..., r_heads + n_state:]  # (L, B, K, N)
-  path_idx = jnp.asarray(np.asarray(paths, np.int32))  # (K, L)
-  dirs = jnp.arange(k_dirs)
-  d_skip = d_skip.astype(f32).reshape(k_dirs, 1, r_heads, head_dim, 1)
+  recurrence = _recurrence_fn(np.ascontiguousarray(paths, np.int32).tobytes(), k_dirs, length)
+  return recurrence(u_tm, decay, dt, b_in, c_out, d_skip.astype(f32))
 
-  def step(carry, t):
-    h, out = carry  # (K, B, R, Dh, N), (L, B, D)
-    tok = path_idx[:, t]  # (K,) the token each direction visits at step t
-    x_t = u_tm[tok].reshape(k_dirs, bsz, r_heads, head_dim, 1)
-    # coefficient[tok, :, dirs]: direction k's coefficients at its token, (K, B, ...)
-    drive = (dt[tok, :, dirs][..., None, None] * x_t
-             * b_in[tok, :, dirs][:, :, None, None, :])  # (K, B, R, Dh, N)
-    h = decay[tok, :, dirs][..., None, None] * h + drive
-    y_t = (h * c_out[tok, :, dirs][:, :, None, None, :]).sum(-1, keepdims=True) + d_skip * x_t
-    y_t = y_t.reshape(k_dirs, bsz, dim)
-    return (h, out.at[tok].add(y_t)), None
 
-  h0 = jnp.zeros((k_dirs, bsz, r_heads, head_dim, n_state), f32)
-  (_, out), _ = jax.lax.scan(step, (h0, jnp.zeros_like(u_tm)), jnp.arange(length))
-  return out
+@functools.lru_cache(maxsize=None)
+def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
+  """The core of `selective_scan_recurrent` for fixed paths, with a hand-written VJP.
+
+  recurrence(u_tm (L, B, D), decay, dt (L, B, K, R), b_in, c_out (L, B, K, N), d_skip (K, D))
+  -> (L, B, D). Direction k at step t visits token paths[k, t]:
+    h_k = decay h_k + dt B x;  out[token] += C . h_k + d_k x.
+  The VJP keeps only the states h of every step (L, K, B, R, Dh, N) and walks the steps backwards
+  (adjoint lam_t = C_t g_t + decay_{t+1} lam_{t+1}); autodiff through lax.scan would also keep
+  each step's gathered tokens and coefficients, several times the memory.
+  """
+  # numpy constants only: this closure is cached across traces, so it must not hold jax arrays
+  paths = np.frombuffer(paths_bytes, np.int32).reshape(k_dirs, length)
+  inv_t = inverse_paths(paths).T  # (L, K): inv[k, token] = step at which direction k visits it
+  dirs = np.arange(k_dirs)
+
+  def split_heads(x, r_heads):  # (K, B, D) -> (K, B, R, Dh, 1)
+    k, b, d = x.shape
+    return x.reshape(k, b, r_heads, d // r_heads, 1)
+
+  def at_step(t, decay, dt, b_in, c_out):
+    """Direction k's coefficients at its token of step t: (K, B, R, 1, 1) x2, (K, B, 1, 1, N) x2."""
+    tok = jnp.asarray(paths)[:, t]
+    heads = lambda a: a[tok, :, dirs][..., None, None]
+    state = lambda a: a[tok, :, dirs][:, :, None, None, :]
+    return tok, heads(decay), heads(dt), state(b_in), state(c_out)
+
+  def forward(u_tm, decay, dt, b_in, c_out, d_skip, keep_states):
+    length_, bsz, dim = u_tm.shape
+    r_heads, n_state = decay.shape[-1], b_in.shape[-1]
+    d_k = split_heads(d_skip[:, None, :], r_heads)  # (K, 1, R, Dh, 1)
+
+    def step(carry, t):
+      h, out = carry  # (K, B, R, Dh, N), (L, B, D)
+      tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
+      x_t = split_heads(u_tm[tok], r_heads)
+      h = a * h + delta * b * x_t
+      y_t = (h * c).sum(-1, keepdims=True) + d_k * x_t
+      return (h, out.at[tok].add(y_t.reshape(k_dirs, bsz, dim))), (h if keep_states else None)
+
+    h0 = jnp.zeros((k_dirs, bsz, r_heads, dim // r_heads, n_state), u_tm.dtype)
+    (_, out), hs = jax.lax.scan(step, (h0, jnp.zeros_like(u_tm)), jnp.arange(length_))
+    return out, hs
+
+  @jax.custom_vjp
+  def recurrence(u_tm, decay, dt, b_in, c_out, d_skip):
+    return forward(u_tm, decay, dt, b_in, c_out, d_skip, False)[0]
+
+  def fwd(u_tm, decay, dt, b_in, c_out, d_skip):
+    out, hs = forward(u_tm, decay, dt, b_in, c_out, d_skip, True)
+    return out, (u_tm, decay, dt, b_in, c_out, d_skip, hs)
+
+  def bwd(res, g_out):
+    u_tm, decay, dt, b_in, c_out, d_skip, hs = res  # hs: (L, K, B, R, Dh, N)
+    _, bsz, dim = u_tm.shape
+    r_heads = decay.shape[-1]
+    d_k = split_heads(d_skip[:, None, :], r_heads)
+
+    def step(carry, t):
+      lam_next, g_u, g_d = carry  # decay_{t+1} lam_{t+1}: (K, B, R, Dh, N); (L, B, D); (K, D)
+      tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
+      x_t = split_heads(u_tm[tok], r_heads)  # (K, B, R, Dh, 1)
+      g_y = split_heads(g_out[tok], r_heads)
+      h_t = hs[t]
+      h_prev = jnp.where(t > 0, hs[jnp.maximum(t - 1, 0)], 0.0)
+      lam = g_y * c + lam_next  # dL/dh_t
+      g_x = (lam * delta * b).sum(-1, keepdims=True) + d_k * g_y
+      g_u = g_u.at[tok].add(g_x.reshape(k_dirs, bsz, dim))
+      g_d = g_d + (g_y * x_t).sum(1).reshape(k_dirs, dim)
+      coef = ((lam * h_prev).sum((3, 4)),                    # d decay (K, B, R)
+              (lam * b * x_t).sum((3, 4)),                   # d dt
+              (lam * delta * x_t).sum((2, 3)),               # d b_in (K, B, N)
+              (g_y * h_t).sum((2, 3)))                       # d c_out
+      return (lam * a, g_u, g_d), coef
+
+    lam0 = jnp.zeros_like(hs[0])
+    init = (lam0, jnp.zeros_like(u_tm), jnp.zeros_like(d_skip))
+    (_, g_u, g_d), coefs = jax.lax.scan(step, init, jnp.arange(length), reverse=True)
+    # per-step (T, K, B, .) -> per-token (L, B, K, .): token l of direction k was step inv[k, l]
+    to_tokens = lambda g: jnp.swapaxes(g[inv_t, dirs[None, :]], 1, 2)
+    g_decay, g_dt, g_b, g_c = (to_tokens(g) for g in coefs)
+    return g_u, g_decay, g_dt, g_b, g_c, g_d
+
+  recurrence.defvjp(fwd, bwd)
+  return recurrence
 
 
 def selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths) -> np.ndarray:

@@ -45,10 +45,46 @@ CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
 def setup_cpu_flags() -> None:
-  """Adds CPU_XLA_FLAGS to $XLA_FLAGS unless the user set that flag; call before any jax work."""
+  """Host-side settings for the CLIs; call before any jax work.
+
+  Adds CPU_XLA_FLAGS to $XLA_FLAGS unless the user set that flag, and returns the compiler's
+  freed memory to the OS after every XLA compile (`release_memory_after_compiles`).
+  """
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_cpu_experimental_ynn_fusion_type" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAGS}".strip()
+  release_memory_after_compiles()
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_TRIM_INSTALLED = []
+
+
+def release_memory_after_compiles() -> bool:
+  """After each XLA compile, glibc's malloc_trim(0) hands the compiler's freed heap back.
+
+  Compiling a train step leaves ~300-600 MB of freed-but-held heap in the process; without the
+  trim the step's own buffers come on top of it (Trento teacher step: peak RSS 1.7 GB -> 1.3 GB).
+  Runs once per compile (a few ms). No-op (False) where libc has no malloc_trim.
+  """
+  if _TRIM_INSTALLED:
+    return True
+  import ctypes
+  import ctypes.util
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    trim = libc.malloc_trim
+  except (OSError, AttributeError):
+    return False
+  import jax.monitoring
+
+  def on_event(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE_EVENT:
+      trim(0)
+
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  _TRIM_INSTALLED.append(on_event)
+  return True
 
 
 def setup_compile_cache(enabled: bool = True) -> str | None:
