@@ -144,3 +144,22 @@ def test_shipped_configs_resolve_to_the_dataset_defaults():
     from_file, _ = config_lib.resolve(config_lib.load_config_file(path))
     from_flag, _ = config_lib.resolve({"dataset": name})
     assert from_file == from_flag, name
+
+
+def test_malloc_trim_runs_after_each_compile(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  if not train.release_memory_after_compiles():
+    pytest.skip("no malloc_trim in this libc")
+  x7, x9 = jnp.ones(7), jnp.ones(9)  # made before counting: creating them compiles too
+  jax.block_until_ready((x7, x9))
+  calls = []
+  monkeypatch.setattr(train, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+  f = jax.jit(lambda x: jnp.sin(x) * 3.0 + x.shape[0])
+  f(x7).block_until_ready()
+  assert calls == [0]  # one compile, one trim
+  f(x7).block_until_ready()
+  assert calls == [0]  # cached: no compile, no trim
+  assert train.release_memory_after_compiles()  # idempotent: still one listener
+  f(x9).block_until_ready()
+  assert calls == [0, 0]

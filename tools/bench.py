@@ -10,7 +10,8 @@ make_teacher_step / make_student_step / make_predict_step (the real jitted train
 gather from the on-device scene, model, loss, grad, AdamW). Measured per configuration:
 
   first_step_s    wall time of the first teacher step (trace + compile + run)
-  compile_s       first_step_s minus the median teacher step
+  compile_s       first_step_s minus the median teacher step (with --compile-cache DIR and a
+                  second run: the warm-cache start)
   teacher_step_s  median of --steps teacher steps after one warm-up (and *_min_s, the fastest)
   student_step_s  same for the student step (its teacher forward included)
   infer_patches_per_s  eval forward + prediction at batch --infer-batch
@@ -144,6 +145,8 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   if args.xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  if args.compile_cache:
+    cmd += ["--compile-cache", os.path.abspath(args.compile_cache)]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   if out.returncode != 0:
     tail = " | ".join(out.stderr.strip().splitlines()[-3:])
@@ -179,6 +182,9 @@ def main(argv=None) -> int:
   ap.add_argument("--infer-batch", type=int, default=512)
   ap.add_argument("--xla-flags", default=CPU_XLA_FLAGS,
                   help=f"appended to $XLA_FLAGS of each run (default {CPU_XLA_FLAGS!r})")
+  ap.add_argument("--compile-cache", metavar="DIR", default=None,
+                  help="use JAX's persistent compilation cache in DIR (as the CLIs do); run twice "
+                       "to time the first step with a warm cache")
   ap.add_argument("--json", action="store_true", help="print only the JSON")
   ap.add_argument("--out", help="also write the JSON here")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -200,7 +206,13 @@ def main(argv=None) -> int:
     raise errors.UserError("--steps and --infer-batch: expected positive ints")
 
   if args.worker:
-    print(json.dumps(run_one(names[0], impls[0], args.steps, args.infer_batch)))
+    if args.compile_cache:
+      from dpmamba_jax import train
+      os.environ["DPMAMBA_XLA_CACHE_DIR"] = args.compile_cache
+      train.setup_compile_cache(True)
+    row = run_one(names[0], impls[0], args.steps, args.infer_batch)
+    row["compile_cache"] = args.compile_cache
+    print(json.dumps(row))
     return 0
 
   rows = [_subprocess(n, i, args) for n in names for i in impls]
