@@ -17,9 +17,9 @@ Tables (Markdown, written to --out, default <runs-root>/report.md):
     DPMamba; datasets with the same number of modalities side by side.
   Table 2: per dataset, Baseline vs DPMamba for every scenario.
   Table 3: the ablation variants and DPMamba over the missing-modality scenarios (plus complete).
-Cells are mean ± std (sample std) over the seeds found; "—" where no run is there; "(n=k)" where
-only k of the requested seeds are there. A note gives the epochs used when they differ from the
-paper's 500.
+Cells are mean ± std (sample std) over the seeds found (a bare value for one run); "—" where no
+run is there; "(n=k)" where only k of the requested seeds are there. A note gives the epochs used
+when they differ from the paper's 500.
 """
 from __future__ import annotations
 
@@ -156,13 +156,13 @@ def _values(runs: Sequence[dict], key: str, scenario: str, metric: str) -> list[
 
 
 def cell(runs: Sequence[dict], key: str, scenario: str, metric: str, n_seeds: int) -> str:
-  """"mean ± std" (sample std; 0.00 for one run), "—" if no run has it, "(n=k)" if partial."""
+  """"mean ± std" (sample std), the bare value for a single run (no std), "—" if no run has it,
+  "(n=k)" if only k of the n_seeds runs are there."""
   vals = _values(runs, key, scenario, metric)
   if not vals:
     return DASH
   a = np.asarray(vals, np.float64)
-  std = float(np.std(a, ddof=1)) if a.size > 1 else 0.0
-  text = f"{a.mean():.2f} ± {std:.2f}"
+  text = f"{a.mean():.2f} ± {np.std(a, ddof=1):.2f}" if a.size > 1 else f"{a[0]:.2f}"
   return text if a.size >= n_seeds else f"{text} (n={a.size})"
 
 
