@@ -57,8 +57,8 @@ def setup_cpu_flags() -> None:
 
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_TRIM_INSTALLED = []
-_malloc_trim = None  # libc.malloc_trim once found (looked up per event, so tests can swap it)
+# libc.malloc_trim once the listener is installed (looked up per event, so tests can swap it)
+_malloc_trim = None
 
 
 def release_memory_after_compiles() -> bool:
@@ -69,7 +69,7 @@ def release_memory_after_compiles() -> bool:
   Runs once per compile (a few ms). No-op (False) where libc has no malloc_trim.
   """
   global _malloc_trim
-  if _TRIM_INSTALLED:
+  if _malloc_trim is not None:  # installed already
     return True
   import ctypes
   import ctypes.util
@@ -84,7 +84,6 @@ def release_memory_after_compiles() -> bool:
       _malloc_trim(0)
 
   jax.monitoring.register_event_duration_secs_listener(on_event)
-  _TRIM_INSTALLED.append(on_event)
   return True
 
 
