@@ -544,8 +544,10 @@ def pad_cubes(cubes: Sequence[np.ndarray], patch_size: int) -> list[np.ndarray]:
 def gather_patches(padded, flat_idx, width: int, patch_size: int):
   """Patches centred on flat pixel indices, from a cube padded by pad_cubes.
 
-  Works on numpy arrays and on jax arrays (also inside jax.jit with traced indices): one fancy
-  index with (N, P, P) row / column grids, no loop per pixel.
+  Works on numpy arrays (one fancy index with (N, P, P) row / column grids) and on jax arrays,
+  also inside jax.jit with traced indices (one (P, P, C) dynamic slice per pixel, vmapped: XLA
+  copies whole contiguous rows, ~4x faster on CPU than the element-wise gather a fancy index
+  becomes). No Python loop per pixel.
 
   Args:
     padded: (H + 2*(P//2), W + 2*(P//2), C) padded cube (numpy or jax).
@@ -556,13 +558,16 @@ def gather_patches(padded, flat_idx, width: int, patch_size: int):
   Returns:
     (N, P, P, C): out[n, i, j] = padded[r_n + i, c_n + j], so the pixel sits at (P//2, P//2).
   """
-  xp = jnp if isinstance(padded, jax.Array) or isinstance(flat_idx, jax.Array) else np
-  idx = xp.asarray(flat_idx)
+  if isinstance(padded, jax.Array) or isinstance(flat_idx, jax.Array):
+    padded, idx = jnp.asarray(padded), jnp.asarray(flat_idx)
+    block = (patch_size, patch_size, padded.shape[2])
+    return jax.vmap(lambda k: jax.lax.dynamic_slice(padded, (k // width, k % width, 0), block))(idx)
+  idx = np.asarray(flat_idx)
   r, c = idx // width, idx % width  # (N,)
-  off = xp.arange(patch_size)
+  off = np.arange(patch_size)
   rows = r[:, None, None] + off[None, :, None]  # (N, P, 1)
   cols = c[:, None, None] + off[None, None, :]  # (N, 1, P)
-  return xp.asarray(padded)[rows, cols]  # (N, P, P, C)
+  return np.asarray(padded)[rows, cols]  # (N, P, P, C)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -247,14 +247,39 @@ def _grouped_conv3x3_fwd(x, kernel, groups, layout):
   return _shift_conv3x3(x, kernel, groups, layout), (x, kernel)
 
 
+# The kernel gradient of a grouped conv runs as dense filter-gradient convs over channel chunks
+# of about this many channels: one block-diagonal (cin x cout) conv would do cin / cin_g times the
+# needed work (64x for the depthwise conv); chunks of 8 are ~5x faster on CPU than one 64 x 64.
+FILTER_GRAD_CHUNK_CHANNELS = 8
+
+
+def _grouped_filter_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, groups: int,
+                         layout: str) -> jax.Array:
+  """d(sum(g * grouped_conv(x, kernel)))/d kernel, (3, 3, cin/groups, cout)."""
+  cin_g, cout = kernel.shape[2], kernel.shape[3]
+  cout_g = cout // groups
+  per_chunk = max(1, FILTER_GRAD_CHUNK_CHANNELS // max(cin_g, cout_g))
+  while groups % per_chunk:  # groups per chunk: a divisor of groups
+    per_chunk -= 1
+  cin_c, cout_c = per_chunk * cin_g, per_chunk * cout_g
+  grads = []
+  for c in range(groups // per_chunk):
+    xc = jax.lax.slice_in_dim(x, c * cin_c, (c + 1) * cin_c, axis=x.ndim - 1)
+    gc = jax.lax.slice_in_dim(g, c * cout_c, (c + 1) * cout_c, axis=g.ndim - 1)
+    kc = kernel[..., c * cout_c:(c + 1) * cout_c]
+    _, vjp = jax.vjp(lambda k: _dense_conv3x3(xc, _block_diagonal_kernel(k, per_chunk), layout),
+                     kc)
+    grads.append(vjp(gc)[0])
+  return jnp.concatenate(grads, axis=-1)
+
+
 def _grouped_conv3x3_bwd(groups, layout, res, g):
   # d/dx: the same shifted form with the flipped, group-transposed kernel. d/dkernel: XLA's
-  # filter gradient of the block-diagonal dense conv (faster on CPU than 9 * cin_g reductions).
+  # filter gradient of block-diagonal dense convs over channel chunks (faster on CPU than
+  # 9 * cin_g reductions over all tokens).
   x, kernel = res
   dx = _shift_conv3x3(g, _transposed_group_kernel(kernel, groups), groups, layout)
-  _, vjp = jax.vjp(lambda k: _dense_conv3x3(x, _block_diagonal_kernel(k, groups), layout),
-                   kernel)
-  return dx, vjp(g)[0]
+  return dx, _grouped_filter_grad(x, g, kernel, groups, layout)
 
 
 _grouped_conv3x3.defvjp(_grouped_conv3x3_fwd, _grouped_conv3x3_bwd)

@@ -58,6 +58,9 @@ def zigzag_paths(p: int) -> np.ndarray:
 def inverse_paths(paths: np.ndarray) -> np.ndarray:
   """Inverse permutations: ``inv[k, paths[k, t]] = t``. (K, L) -> (K, L) int32."""
   paths = np.asarray(paths)
+  if not (np.sort(paths, axis=1) == np.arange(paths.shape[1])).all():
+    raise ValueError(f"scan paths: each of the {paths.shape[0]} rows must be a permutation of "
+                     f"0..{paths.shape[1] - 1}")
   inv = np.empty_like(paths)
   rows = np.arange(paths.shape[0])[:, None]
   inv[rows, paths] = np.arange(paths.shape[1])[None, :]
@@ -273,6 +276,20 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
   return recurrence(u_tm, decay, dt, b_in, c_out, d_skip.astype(f32))
 
 
+def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.ndarray:
+  """(4 R Dh N, 2R + 2N) 0/1 matrix: four (R, Dh, N) products -> sums per head, head, state, state."""
+  r, _, n = np.meshgrid(np.arange(r_heads), np.arange(head_dim), np.arange(n_state), indexing="ij")
+  to_heads = (r.reshape(-1, 1) == np.arange(r_heads)).astype(np.float32)  # (R Dh N, R)
+  to_states = (n.reshape(-1, 1) == np.arange(n_state)).astype(np.float32)  # (R Dh N, N)
+  blocks = [to_heads, to_heads, to_states, to_states]
+  out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), np.float32)
+  i = j = 0
+  for b in blocks:
+    out[i:i + b.shape[0], j:j + b.shape[1]] = b
+    i, j = i + b.shape[0], j + b.shape[1]
+  return out
+
+
 @functools.lru_cache(maxsize=None)
 def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
   """The core of `selective_scan_recurrent` for fixed paths, with a hand-written VJP.
@@ -329,31 +346,33 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     u_tm, decay, dt, b_in, c_out, d_skip, hs = res  # hs: (L, K, B, R, Dh, N)
     _, bsz, dim = u_tm.shape
     r_heads = decay.shape[-1]
-    d_k = split_heads(d_skip[:, None, :], r_heads)
 
     def step(carry, t):
-      lam_next, g_u, g_d = carry  # decay_{t+1} lam_{t+1}: (K, B, R, Dh, N); (L, B, D); (K, D)
+      lam_next, g_u = carry  # decay_{t+1} lam_{t+1}: (K, B, R, Dh, N); (L, B, D)
       tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
       x_t = split_heads(u_tm[tok], r_heads)  # (K, B, R, Dh, 1)
       g_y = split_heads(g_out[tok], r_heads)
       h_t = hs[t]
       h_prev = jnp.where(t > 0, hs[jnp.maximum(t - 1, 0)], 0.0)
       lam = g_y * c + lam_next  # dL/dh_t
-      g_x = (lam * delta * b).sum(-1, keepdims=True) + d_k * g_y
+      g_x = (lam * delta * b).sum(-1)  # (K, B, R, Dh)
       g_u = g_u.at[tok].add(g_x.reshape(k_dirs, bsz, dim))
-      g_d = g_d + (g_y * x_t).sum(1).reshape(k_dirs, dim)
-      coef = ((lam * h_prev).sum((3, 4)),                    # d decay (K, B, R)
-              (lam * b * x_t).sum((3, 4)),                   # d dt
-              (lam * delta * x_t).sum((2, 3)),               # d b_in (K, B, N)
-              (g_y * h_t).sum((2, 3)))                       # d c_out
-      return (lam * a, g_u, g_d), coef
+      # d decay, d dt (K, B, R), d b_in, d c_out (K, B, N) as one matmul with a 0/1 matrix: as
+      # four sums XLA:CPU emits them inside the loop as scalar code (~100 ms of a Trento teacher
+      # step), and one packed output is one dynamic-update-slice per step instead of four
+      prods = [lam * h_prev, lam * b * x_t, lam * delta * x_t, g_y * h_t]  # (K, B, R, Dh, N)
+      g_coef = jnp.concatenate([q.reshape(k_dirs, bsz, -1) for q in prods], -1) @ sum_matrix
+      return (lam * a, g_u), g_coef  # (K, B, 2R + 2N)
 
-    lam0 = jnp.zeros_like(hs[0])
-    init = (lam0, jnp.zeros_like(u_tm), jnp.zeros_like(d_skip))
-    (_, g_u, g_d), coefs = jax.lax.scan(step, init, jnp.arange(length), reverse=True)
+    sum_matrix = _coefficient_sum_matrix(*hs.shape[3:])
+    # the skip term's gradients need no path order: every direction visits every token once
+    init = (jnp.zeros_like(hs[0]), g_out * d_skip.sum(0))
+    (_, g_u), g_coefs = jax.lax.scan(step, init, jnp.arange(length), reverse=True)
     # per-step (T, K, B, .) -> per-token (L, B, K, .): token l of direction k was step inv[k, l]
-    to_tokens = lambda g: jnp.swapaxes(g[inv_t, dirs[None, :]], 1, 2)
-    g_decay, g_dt, g_b, g_c = (to_tokens(g) for g in coefs)
+    g_coefs = jnp.swapaxes(g_coefs[inv_t, dirs[None, :]], 1, 2)
+    g_decay, g_dt, g_b, g_c = jnp.split(
+        g_coefs, np.cumsum([r_heads, r_heads, b_in.shape[-1]]), axis=-1)
+    g_d = jnp.broadcast_to((g_out * u_tm).sum((0, 1)), d_skip.shape)
     return g_u, g_decay, g_dt, g_b, g_c, g_d
 
   recurrence.defvjp(fwd, bwd)

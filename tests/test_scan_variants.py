@@ -126,7 +126,9 @@ def test_model_outputs_agree_across_impls():
   chex.assert_trees_all_close(outs["recurrent"], outs["associative"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups,cin,cout", [(4, 8, 8), (8, 8, 8), (2, 4, 6)])
+# (16, 32, 32) and (32, 32, 32): the kernel gradient runs over several channel chunks
+@pytest.mark.parametrize("groups,cin,cout", [(4, 8, 8), (8, 8, 8), (2, 4, 6), (16, 32, 32),
+                                             (32, 32, 32), (6, 6, 12)])
 def test_shift_grouped_conv_matches_lax_grouped_conv(groups, cin, cout):
   kx, kk, kg = jax.random.split(jax.random.PRNGKey(groups), 3)
   x = jax.random.normal(kx, (2, 5, 4, cin))
