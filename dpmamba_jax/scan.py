@@ -267,13 +267,16 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
   # one plain (L*B, D) @ (D, K*E) matmul: an einsum with K ahead of B in its output makes XLA:CPU
   # transpose the whole (L*B, D) input first
   w_all = jnp.swapaxes(x_proj.astype(f32), 0, 1).reshape(dim, -1)  # (D, K*E)
-  z = (u_tm.reshape(length * bsz, dim) @ w_all).reshape(length, bsz, k_dirs, -1)  # (L, B, K, E)
+  # The loop gets the same (L*B, D) array as the matmul: given the (L, B, D) view instead, XLA
+  # fuses a cheap producer (the shifted grouped conv) into both and computes it twice.
+  u_flat = u_tm.reshape(length * bsz, dim)
+  z = (u_flat @ w_all).reshape(length, bsz, k_dirs, -1)  # (L, B, K, E)
   dt = jax.nn.softplus(z[..., :r_heads] + dt_bias.astype(f32))  # (L, B, K, R)
   decay = jnp.exp(dt * -jnp.exp(a_log.astype(f32)))  # (L, B, K, R)
   b_in = z[..., r_heads:r_heads + n_state]  # (L, B, K, N)
   c_out = z[..., r_heads + n_state:]  # (L, B, K, N)
   recurrence = _recurrence_fn(np.ascontiguousarray(paths, np.int32).tobytes(), k_dirs, length)
-  return recurrence(u_tm, decay, dt, b_in, c_out, d_skip.astype(f32))
+  return recurrence(u_flat, decay, dt, b_in, c_out, d_skip.astype(f32)).reshape(length, bsz, dim)
 
 
 def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.ndarray:
@@ -294,8 +297,8 @@ def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.nda
 def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
   """The core of `selective_scan_recurrent` for fixed paths, with a hand-written VJP.
 
-  recurrence(u_tm (L, B, D), decay, dt (L, B, K, R), b_in, c_out (L, B, K, N), d_skip (K, D))
-  -> (L, B, D). Direction k at step t visits token paths[k, t]:
+  recurrence(u_flat (L*B, D), decay, dt (L, B, K, R), b_in, c_out (L, B, K, N), d_skip (K, D))
+  -> (L*B, D), tokens time-major (row l*B + b is token l of sample b). Direction k at step t visits token paths[k, t]:
     h_k = decay h_k + dt B x;  out[token] += C . h_k + d_k x.
   The VJP keeps only the states h of every step (L, K, B, R, Dh, N) and walks the steps backwards
   (adjoint lam_t = C_t g_t + decay_{t+1} lam_{t+1}); autodiff through lax.scan would also keep
@@ -317,34 +320,39 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     state = lambda a: a[tok, :, dirs][:, :, None, None, :]
     return tok, heads(decay), heads(dt), state(b_in), state(c_out)
 
-  def forward(u_tm, decay, dt, b_in, c_out, d_skip, keep_states):
-    length_, bsz, dim = u_tm.shape
+  def forward(u_flat, decay, dt, b_in, c_out, d_skip, keep_states):
+    length_, bsz, dim = decay.shape[0], decay.shape[1], u_flat.shape[-1]
     r_heads, n_state = decay.shape[-1], b_in.shape[-1]
     d_k = split_heads(d_skip[:, None, :], r_heads)  # (K, 1, R, Dh, 1)
 
     def step(carry, t):
       h, out = carry  # (K, B, R, Dh, N), (L, B, D)
       tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
-      x_t = split_heads(u_tm[tok], r_heads)
+      # reshaped inside the body: an (L, B, D) view made outside is a second loop input, and
+      # XLA would again compute u's producer twice
+      x_t = split_heads(u_flat.reshape(length_, bsz, dim)[tok], r_heads)
       h = a * h + delta * b * x_t
       y_t = (h * c).sum(-1, keepdims=True) + d_k * x_t
       return (h, out.at[tok].add(y_t.reshape(k_dirs, bsz, dim))), (h if keep_states else None)
 
-    h0 = jnp.zeros((k_dirs, bsz, r_heads, dim // r_heads, n_state), u_tm.dtype)
-    (_, out), hs = jax.lax.scan(step, (h0, jnp.zeros_like(u_tm)), jnp.arange(length_))
-    return out, hs
+    h0 = jnp.zeros((k_dirs, bsz, r_heads, dim // r_heads, n_state), u_flat.dtype)
+    out0 = jnp.zeros((length_, bsz, dim), u_flat.dtype)
+    (_, out), hs = jax.lax.scan(step, (h0, out0), jnp.arange(length_))
+    return out.reshape(length_ * bsz, dim), hs
 
   @jax.custom_vjp
-  def recurrence(u_tm, decay, dt, b_in, c_out, d_skip):
-    return forward(u_tm, decay, dt, b_in, c_out, d_skip, False)[0]
+  def recurrence(u_flat, decay, dt, b_in, c_out, d_skip):
+    return forward(u_flat, decay, dt, b_in, c_out, d_skip, False)[0]
 
-  def fwd(u_tm, decay, dt, b_in, c_out, d_skip):
-    out, hs = forward(u_tm, decay, dt, b_in, c_out, d_skip, True)
-    return out, (u_tm, decay, dt, b_in, c_out, d_skip, hs)
+  def fwd(u_flat, decay, dt, b_in, c_out, d_skip):
+    out, hs = forward(u_flat, decay, dt, b_in, c_out, d_skip, True)
+    return out, (u_flat, decay, dt, b_in, c_out, d_skip, hs)
 
   def bwd(res, g_out):
-    u_tm, decay, dt, b_in, c_out, d_skip, hs = res  # hs: (L, K, B, R, Dh, N)
-    _, bsz, dim = u_tm.shape
+    u_flat, decay, dt, b_in, c_out, d_skip, hs = res  # hs: (L, K, B, R, Dh, N)
+    bsz, dim = decay.shape[1], u_flat.shape[-1]
+    u_tm = u_flat.reshape(length, bsz, dim)
+    g_out = g_out.reshape(length, bsz, dim)
     r_heads = decay.shape[-1]
 
     def step(carry, t):
@@ -373,7 +381,7 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     g_decay, g_dt, g_b, g_c = jnp.split(
         g_coefs, np.cumsum([r_heads, r_heads, b_in.shape[-1]]), axis=-1)
     g_d = jnp.broadcast_to((g_out * u_tm).sum((0, 1)), d_skip.shape)
-    return g_u, g_decay, g_dt, g_b, g_c, g_d
+    return g_u.reshape(u_flat.shape), g_decay, g_dt, g_b, g_c, g_d
 
   recurrence.defvjp(fwd, bwd)
   return recurrence
