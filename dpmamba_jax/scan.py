@@ -280,7 +280,8 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
 
 
 def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.ndarray:
-  """(4 R Dh N, 2R + 2N) 0/1 matrix: four (R, Dh, N) products -> sums per head, head, state, state."""
+  """(4 R Dh N, 2R + 2N) 0/1 matrix: four (R, Dh, N) products -> their sums per head (first two)
+  and per state (last two)."""
   r, _, n = np.meshgrid(np.arange(r_heads), np.arange(head_dim), np.arange(n_state), indexing="ij")
   to_heads = (r.reshape(-1, 1) == np.arange(r_heads)).astype(np.float32)  # (R Dh N, R)
   to_states = (n.reshape(-1, 1) == np.arange(n_state)).astype(np.float32)  # (R Dh N, N)
@@ -298,7 +299,8 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
   """The core of `selective_scan_recurrent` for fixed paths, with a hand-written VJP.
 
   recurrence(u_flat (L*B, D), decay, dt (L, B, K, R), b_in, c_out (L, B, K, N), d_skip (K, D))
-  -> (L*B, D), tokens time-major (row l*B + b is token l of sample b). Direction k at step t visits token paths[k, t]:
+  -> (L*B, D), tokens time-major (row l*B + b is token l of sample b). Direction k at step t
+  visits token paths[k, t]:
     h_k = decay h_k + dt B x;  out[token] += C . h_k + d_k x.
   The VJP keeps only the states h of every step (L, K, B, R, Dh, N) and walks the steps backwards
   (adjoint lam_t = C_t g_t + decay_{t+1} lam_{t+1}); autodiff through lax.scan would also keep

@@ -56,6 +56,13 @@ def test_recurrent_any_permutation_paths_and_no_retrace():
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y2))
 
 
+def test_paths_must_be_permutations():
+  # the recurrent VJP relies on every direction visiting every token exactly once
+  bad = np.stack([np.arange(9), np.r_[np.arange(8), 0]]).astype(np.int32)
+  with pytest.raises(ValueError, match="permutation"):
+    scan.inverse_paths(bad)
+
+
 @pytest.mark.parametrize("bsz,p,dim,heads,n_state", [(2, 3, 8, 2, 1), (1, 4, 8, 4, 2)])
 def test_all_impls_same_gradients(bsz, p, dim, heads, n_state):
   args = _random_ssm(7 + p, bsz, p, dim, heads, n_state)
