@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from dpmamba_jax import ssd_chunked
 
@@ -261,7 +262,6 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
   length, bsz, dim = u_tm.shape
   k_dirs, r_heads = a_log.shape
   n_state = (x_proj.shape[-1] - r_heads) // 2
-  head_dim = dim // r_heads
   f32 = jnp.float32
   u_tm = u_tm.astype(f32)
   # one plain (L*B, D) @ (D, K*E) matmul: an einsum with K ahead of B in its output makes XLA:CPU
@@ -285,13 +285,7 @@ def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.nda
   r, _, n = np.meshgrid(np.arange(r_heads), np.arange(head_dim), np.arange(n_state), indexing="ij")
   to_heads = (r.reshape(-1, 1) == np.arange(r_heads)).astype(np.float32)  # (R Dh N, R)
   to_states = (n.reshape(-1, 1) == np.arange(n_state)).astype(np.float32)  # (R Dh N, N)
-  blocks = [to_heads, to_heads, to_states, to_states]
-  out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), np.float32)
-  i = j = 0
-  for b in blocks:
-    out[i:i + b.shape[0], j:j + b.shape[1]] = b
-    i, j = i + b.shape[0], j + b.shape[1]
-  return out
+  return scipy.linalg.block_diag(to_heads, to_heads, to_states, to_states)
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,7 +317,7 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     return tok, heads(decay), heads(dt), state(b_in), state(c_out)
 
   def forward(u_flat, decay, dt, b_in, c_out, d_skip, keep_states):
-    length_, bsz, dim = decay.shape[0], decay.shape[1], u_flat.shape[-1]
+    bsz, dim = decay.shape[1], u_flat.shape[-1]
     r_heads, n_state = decay.shape[-1], b_in.shape[-1]
     d_k = split_heads(d_skip[:, None, :], r_heads)  # (K, 1, R, Dh, 1)
 
@@ -332,15 +326,15 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
       # reshaped inside the body: an (L, B, D) view made outside is a second loop input, and
       # XLA would again compute u's producer twice
-      x_t = split_heads(u_flat.reshape(length_, bsz, dim)[tok], r_heads)
+      x_t = split_heads(u_flat.reshape(length, bsz, dim)[tok], r_heads)
       h = a * h + delta * b * x_t
       y_t = (h * c).sum(-1, keepdims=True) + d_k * x_t
       return (h, out.at[tok].add(y_t.reshape(k_dirs, bsz, dim))), (h if keep_states else None)
 
     h0 = jnp.zeros((k_dirs, bsz, r_heads, dim // r_heads, n_state), u_flat.dtype)
-    out0 = jnp.zeros((length_, bsz, dim), u_flat.dtype)
-    (_, out), hs = jax.lax.scan(step, (h0, out0), jnp.arange(length_))
-    return out.reshape(length_ * bsz, dim), hs
+    out0 = jnp.zeros((length, bsz, dim), u_flat.dtype)
+    (_, out), hs = jax.lax.scan(step, (h0, out0), jnp.arange(length))
+    return out.reshape(length * bsz, dim), hs
 
   @jax.custom_vjp
   def recurrence(u_flat, decay, dt, b_in, c_out, d_skip):
