@@ -3,7 +3,8 @@
 Encoders (`encode_texts(texts, encoder)` -> `TextFeatures`, features (C, D) float32):
 
 * `clip`: the OpenAI CLIP text tower (ViT-B/32 dims: width 512, 12 layers, 8 heads, context 77,
-  vocab 49408, embed 512) as `transformers.FlaxCLIPTextModelWithProjection`, with our CLIP BPE
+  vocab 49408, embed 512) in plain JAX (the maths and parameter names of transformers'
+  `FlaxCLIPTextModelWithProjection`, which transformers 5 no longer ships), with our CLIP BPE
   tokenizer, pooled at the EOT token (argmax of the ids). Weights come from a local file only: a
   Hugging Face folder (`flax_model.msgpack` or `model.safetensors`, plus `config.json`) or an
   OpenAI-format text-tower state dict (`.npz`, `.safetensors`, or `.pth`/`.pt` through torch with
@@ -182,17 +183,27 @@ def _unflat(flat: Mapping[tuple, Any]) -> dict:
 
 
 def _expected_shapes(config) -> dict[tuple, tuple]:
-  """Parameter shapes of FlaxCLIPTextModelWithProjection for `config` (no allocation)."""
-  import jax
-  import jax.numpy as jnp
-  from transformers import FlaxCLIPTextModelWithProjection
-  with _quiet_transformers():
-    model = FlaxCLIPTextModelWithProjection(config, _do_init=False)
-  n = config.max_position_embeddings
-  ids = jnp.zeros((1, n), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.module.init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids),
-                                                    jnp.arange(n)[None]))
-  return {k: tuple(v.shape) for k, v in _flat(shapes["params"]).items()}
+  """Parameter shapes of the CLIP text tower (Flax names, as in transformers'
+  FlaxCLIPTextModelWithProjection) for a CLIPTextConfig."""
+  w, f, e = config.hidden_size, config.intermediate_size, config.projection_dim
+  out = {("text_model", "embeddings", "token_embedding", "embedding"): (config.vocab_size, w),
+         ("text_model", "embeddings", "position_embedding", "embedding"):
+             (config.max_position_embeddings, w),
+         ("text_model", "final_layer_norm", "scale"): (w,),
+         ("text_model", "final_layer_norm", "bias"): (w,),
+         ("text_projection", "kernel"): (w, e)}
+  dense = {"self_attn": {"q_proj": (w, w), "k_proj": (w, w), "v_proj": (w, w),
+                         "out_proj": (w, w)},
+           "mlp": {"fc1": (w, f), "fc2": (f, w)}}
+  for i in range(config.num_hidden_layers):
+    layer = ("text_model", "encoder", "layers", str(i))
+    for norm in ("layer_norm1", "layer_norm2"):
+      out[layer + (norm, "scale")] = out[layer + (norm, "bias")] = (w,)
+    for block, linears in dense.items():
+      for name, (n_in, n_out) in linears.items():
+        out[layer + (block, name, "kernel")] = (n_in, n_out)
+        out[layer + (block, name, "bias")] = (n_out,)
+  return out
 
 
 def _check_params(params: Mapping, config, source: str) -> dict:
@@ -386,32 +397,62 @@ def load_clip_text_weights(path: str, *, num_heads: int | None = None):
   return params, config, digest
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_clip_forward(config_json: str):
-  """A jitted (params, ids) -> (N, E) function for one config (memoised: compile once per run)."""
+def _clip_text_apply(params: Mapping, ids, *, num_heads: int, eps: float, act: str):
+  """The CLIP text tower in plain JAX: (N, L) ids -> (N, E) EOT-pooled, projected features.
+
+  Pre-LN causal transformer: x += attn(LN1(x)); x += fc2(act(fc1(LN2(x)))); final LN; the row at
+  argmax(ids) (the EOT token) @ text_projection. Same maths as transformers'
+  FlaxCLIPTextModelWithProjection (tests compare them where that class exists).
+  """
   import jax
   import jax.numpy as jnp
-  from transformers import CLIPTextConfig, FlaxCLIPTextModelWithProjection
-  config = CLIPTextConfig.from_dict(json.loads(config_json))
-  with _quiet_transformers():
-    model = FlaxCLIPTextModelWithProjection(config, _do_init=False)
+  tm = params["text_model"]
+  n, length = ids.shape
 
-  @jax.jit
-  def run(p, ids):
-    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    out = model.module.apply({"params": p}, ids, jnp.ones_like(ids), pos)
-    hidden = out.last_hidden_state  # (N, L, W), after the final LayerNorm
-    pooled = hidden[jnp.arange(ids.shape[0]), jnp.argmax(ids, axis=-1)]  # (N, W) at EOT
-    return pooled @ p["text_projection"]["kernel"]  # (N, E)
+  def norm(x, p):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
 
-  return run
+  def dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+  activation = {"quick_gelu": lambda v: v * jax.nn.sigmoid(1.702 * v),
+                "gelu": lambda v: jax.nn.gelu(v, approximate=False)}[act]
+  emb = tm["embeddings"]
+  x = emb["token_embedding"]["embedding"][ids] + emb["position_embedding"]["embedding"][:length]
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  for i in range(len(tm["encoder"]["layers"])):
+    layer = tm["encoder"]["layers"][str(i)]
+    a = layer["self_attn"]
+    h = norm(x, layer["layer_norm1"])
+    q, k, v = (dense(h, a[name]).reshape(n, length, num_heads, -1)
+               for name in ("q_proj", "k_proj", "v_proj"))  # (N, L, H, Dh)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    x = x + dense(jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, length, -1), a["out_proj"])
+    h = norm(x, layer["layer_norm2"])
+    x = x + dense(activation(dense(h, layer["mlp"]["fc1"])), layer["mlp"]["fc2"])
+  x = norm(x, tm["final_layer_norm"])
+  pooled = x[jnp.arange(n), jnp.argmax(ids, axis=-1)]  # (N, W) at EOT
+  return pooled @ params["text_projection"]["kernel"]  # (N, E)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_clip_forward(num_heads: int, eps: float, act: str):
+  """A jitted (params, ids) -> (N, E) function per config (memoised: compile once per run)."""
+  import jax
+  if act not in ("quick_gelu", "gelu"):
+    raise UserError(f"CLIP text config: hidden_act {act!r} not supported; expected quick_gelu "
+                    "or gelu")
+  return jax.jit(functools.partial(_clip_text_apply, num_heads=num_heads, eps=eps, act=act))
 
 
 def clip_text_forward(params: Mapping, config, input_ids: np.ndarray) -> np.ndarray:
   """Runs the CLIP text tower: EOT-pooled (argmax of the ids), projected features.
 
   Args:
-    params: FlaxCLIPTextModelWithProjection params.
+    params: the tower's Flax-named params (`openai_to_flax`, `load_clip_text_weights`).
     config: its CLIPTextConfig.
     input_ids: (N, L) int token ids (OpenAI padding with 0 or HF padding both work).
 
@@ -419,7 +460,8 @@ def clip_text_forward(params: Mapping, config, input_ids: np.ndarray) -> np.ndar
     (N, projection_dim) float32.
   """
   import jax
-  run = _jitted_clip_forward(config.to_json_string(use_diff=False))
+  run = _jitted_clip_forward(int(config.num_attention_heads), float(config.layer_norm_eps),
+                             str(config.hidden_act))
   with jax.default_matmul_precision("float32"):
     return np.asarray(run(params, np.asarray(input_ids, np.int32)), np.float32)
 

@@ -44,15 +44,40 @@ def compile_cache_dir() -> str:
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 
 
+def accelerator_plugin() -> str | None:
+  """The installed JAX accelerator plugin (e.g. 'xla_cuda13') that JAX will use, else None.
+
+  Looked up without starting a backend (XLA reads $XLA_FLAGS once, when the first backend
+  starts). None when $JAX_PLATFORMS puts cpu first.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms.split(",")[0].strip() == "cpu":
+    return None
+  try:
+    import jax_plugins  # namespace package of the CUDA / ROCm / TPU plugin wheels
+  except ImportError:
+    return None
+  import pkgutil
+  names = sorted(m.name for m in pkgutil.iter_modules(jax_plugins.__path__))
+  return names[0] if names else None
+
+
+def cpu_xla_flags() -> str:
+  """CPU_XLA_FLAGS where the CPU is the backend, "" where an accelerator plugin is installed
+  (the flag means nothing there, and an XLA that no longer knows it refuses to start)."""
+  return "" if accelerator_plugin() else CPU_XLA_FLAGS
+
+
 def setup_cpu_flags() -> None:
   """Host-side settings for the CLIs; call before any jax work.
 
-  Adds CPU_XLA_FLAGS to $XLA_FLAGS unless the user set that flag, and returns the compiler's
-  freed memory to the OS after every XLA compile (`release_memory_after_compiles`).
+  Adds `cpu_xla_flags()` to $XLA_FLAGS unless the user set that flag, and returns the
+  compiler's freed memory to the OS after every XLA compile (`release_memory_after_compiles`).
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAGS}".strip()
+  extra = cpu_xla_flags()
+  if extra and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {extra}".strip()
   release_memory_after_compiles()
 
 

@@ -183,6 +183,29 @@ def test_openai_converter_matches_numpy_reference(tiny_sd):
   assert not np.allclose(text.clip_text_forward(params2, config2, ids), ref, atol=1e-3)
 
 
+def test_clip_forward_matches_transformers_flax_clip(tiny_sd):
+  """Our plain-JAX tower against transformers' FlaxCLIPTextModelWithProjection (4.x only)."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxCLIPTextModelWithProjection"):
+    pytest.skip("this transformers ships no Flax CLIP (5.x)")
+  import jax
+  import jax.numpy as jnp
+  params, config = text.openai_to_flax(tiny_sd, num_heads=_TINY["heads"])
+  model = transformers.FlaxCLIPTextModelWithProjection(config, _do_init=False)
+  ids = _tiny_ids()
+  shapes = jax.eval_shape(lambda: model.module.init(
+      jax.random.PRNGKey(0), jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32),
+      jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)))["params"]
+  assert jax.tree.map(lambda a: tuple(a.shape), shapes) == jax.tree.map(np.shape, params)
+  with jax.default_matmul_precision("float32"):
+    out = model.module.apply({"params": params}, jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32),
+                             jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
+  hidden = np.asarray(out.last_hidden_state)  # pooled at argmax(ids), as the OpenAI tower does
+  ref = hidden[np.arange(len(ids)), ids.argmax(-1)] @ params["text_projection"]["kernel"]
+  np.testing.assert_allclose(text.clip_text_forward(params, config, ids), ref, rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_openai_converter_accepts_prefix_and_rejects_missing(tiny_sd):
   prefixed = {"module.text." + k: v for k, v in tiny_sd.items()}
   prefixed["module.text.logit_scale"] = np.float32(2.6)

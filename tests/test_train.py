@@ -163,3 +163,26 @@ def test_malloc_trim_runs_after_each_compile(monkeypatch):
   assert train.release_memory_after_compiles()  # idempotent: still one listener
   f(x9).block_until_ready()
   assert calls == [0, 0]
+
+
+def test_cpu_xla_flags_only_without_an_accelerator_plugin(monkeypatch, tmp_path):
+  """The XLA:CPU flag goes into $XLA_FLAGS on CPU only: an XLA:GPU build that no longer knows
+  a CPU flag refuses to start."""
+  import types
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/dev/null")
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  plugins = tmp_path / "plugins"
+  (plugins / "xla_cuda13").mkdir(parents=True)
+  (plugins / "xla_cuda13" / "__init__.py").write_text("")
+  monkeypatch.setitem(sys.modules, "jax_plugins",
+                      types.SimpleNamespace(__path__=[str(plugins)]))
+  assert train.accelerator_plugin() == "xla_cuda13"
+  train.setup_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/dev/null"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the user asked for the CPU: flag added
+  assert train.accelerator_plugin() is None
+  train.setup_cpu_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/dev/null " + train.CPU_XLA_FLAGS
+  monkeypatch.setitem(sys.modules, "jax_plugins", None)  # no plugin package at all
+  monkeypatch.delenv("JAX_PLATFORMS")
+  assert train.accelerator_plugin() is None and train.cpu_xla_flags() == train.CPU_XLA_FLAGS

@@ -20,9 +20,10 @@ gather from the on-device scene, model, loss, grad, AdamW). Measured per configu
 
 `--scan-impl all` runs every selective-scan implementation side by side.
 
-XLA flags: the subprocesses get `--xla-flags` appended to $XLA_FLAGS (default CPU_XLA_FLAGS:
-XLA:CPU's YNNPACK reduce fusions are several times slower than XLA's own reductions here, the
-teacher step drops from about 1.9 s to 1.3 s at Trento). `--xla-flags ""` measures the default.
+XLA flags: the subprocesses get `--xla-flags` appended to $XLA_FLAGS (default "auto":
+train.CPU_XLA_FLAGS on a CPU backend, nothing where a GPU plugin is installed; XLA:CPU's YNNPACK
+reduce fusions are several times slower than XLA's own reductions here, the teacher step drops
+from about 1.9 s to 1.3 s at Trento). `--xla-flags ""` measures XLA's default.
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ import time
 import numpy as np
 
 from dpmamba_jax import errors
+from dpmamba_jax import train
 
 DEFAULT_SCENES = {"trento": (166, 600), "houston": (349, 1905), "augsburg": (332, 485)}
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
 KEYS = ("teacher_step_s", "student_step_s", "infer_patches_per_s", "compile_s", "first_step_s",
         "peak_rss_mb")
 
@@ -64,7 +65,6 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int) -> dic
   from dpmamba_jax import model as model_lib
   from dpmamba_jax import scan
   from dpmamba_jax import steps
-  from dpmamba_jax import train
 
   train.release_memory_after_compiles()  # as the CLIs do
 
@@ -126,7 +126,8 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int) -> dic
   infer_s, infer_min = _times(infer_once, max(3, steps_n))
   return dict(dataset=spec.name, scan_impl=scan_impl,
               resolved_impl=scan.resolve_impl(scan_impl, scan.zigzag_paths(p)),
-              backend=jax.default_backend(), batch=bsz, patch=p, bands=list(cfg.bands),
+              backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
+              batch=bsz, patch=p, bands=list(cfg.bands),
               infer_batch=infer_batch, steps_source="dpmamba_jax.steps",
               teacher_step_s=teacher_s, student_step_s=student_s,
               teacher_step_min_s=teacher_min, student_step_min_s=student_min,
@@ -180,8 +181,9 @@ def main(argv=None) -> int:
                   help="auto (default), recurrent, associative, chunked, sequential, or all")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
   ap.add_argument("--infer-batch", type=int, default=512)
-  ap.add_argument("--xla-flags", default=CPU_XLA_FLAGS,
-                  help=f"appended to $XLA_FLAGS of each run (default {CPU_XLA_FLAGS!r})")
+  ap.add_argument("--xla-flags", default="auto",
+                  help="appended to $XLA_FLAGS of each run (default auto: "
+                       f"{train.CPU_XLA_FLAGS!r} unless a GPU plugin is installed)")
   ap.add_argument("--compile-cache", metavar="DIR", default=None,
                   help="use JAX's persistent compilation cache in DIR (as the CLIs do); run twice "
                        "to time the first step with a warm cache")
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
   ap.add_argument("--out", help="also write the JSON here")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
+  if args.xla_flags == "auto":
+    args.xla_flags = train.cpu_xla_flags()
 
   from dpmamba_jax import datasets
   from dpmamba_jax import scan
@@ -207,7 +211,6 @@ def main(argv=None) -> int:
 
   if args.worker:
     if args.compile_cache:
-      from dpmamba_jax import train
       os.environ["DPMAMBA_XLA_CACHE_DIR"] = args.compile_cache
       train.setup_compile_cache(True)
     row = run_one(names[0], impls[0], args.steps, args.infer_batch)
