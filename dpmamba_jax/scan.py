@@ -282,9 +282,9 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
 def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.ndarray:
   """(4 R Dh N, 2R + 2N) 0/1 matrix: four (R, Dh, N) products -> their sums per head (first two)
   and per state (last two)."""
-  r, _, n = np.meshgrid(np.arange(r_heads), np.arange(head_dim), np.arange(n_state), indexing="ij")
-  to_heads = (r.reshape(-1, 1) == np.arange(r_heads)).astype(np.float32)  # (R Dh N, R)
-  to_states = (n.reshape(-1, 1) == np.arange(n_state)).astype(np.float32)  # (R Dh N, N)
+  f32 = np.float32
+  to_heads = np.kron(np.eye(r_heads, dtype=f32), np.ones((head_dim * n_state, 1), f32))
+  to_states = np.kron(np.ones((r_heads * head_dim, 1), f32), np.eye(n_state, dtype=f32))
   return scipy.linalg.block_diag(to_heads, to_heads, to_states, to_states)
 
 

@@ -3,7 +3,7 @@
 Encoders (`encode_texts(texts, encoder)` -> `TextFeatures`, features (C, D) float32):
 
 * `clip`: the OpenAI CLIP text tower (ViT-B/32 dims: width 512, 12 layers, 8 heads, context 77,
-  vocab 49408, embed 512) in plain JAX (the maths and parameter names of transformers'
+  vocab 49408, embed 512) in float64 numpy (the maths and parameter names of transformers'
   `FlaxCLIPTextModelWithProjection`, which transformers 5 no longer ships), with our CLIP BPE
   tokenizer, pooled at the EOT token (argmax of the ids). Weights come from a local file only: a
   Hugging Face folder (`flax_model.msgpack` or `model.safetensors`, plus `config.json`) or an
@@ -398,55 +398,71 @@ def load_clip_text_weights(path: str, *, num_heads: int | None = None):
   return params, config, digest
 
 
-def _clip_text_apply(params: Mapping, ids, *, num_heads: int, eps: float, act: str):
-  """The CLIP text tower in plain JAX: (N, L) ids -> (N, E) EOT-pooled, projected features.
+# ------------------------------------------------------------------------------- transformer maths
+# Both towers in float64 numpy: a few class texts, once per run (then cached), so no compile,
+# and the features are the same on every backend. Weights stay float32; numpy promotes.
+
+def _layer_norm(x: np.ndarray, scale, bias, eps: float) -> np.ndarray:
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """Softmax attention. q, k, v: (N, L, H, Dh); keep: bool, broadcasts to (N, H, Lq, Lk).
+
+  Returns (N, L, H * Dh)."""
+  logits = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(keep, logits, -1e30)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  n, length = q.shape[:2]
+  return np.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, length, -1)
+
+
+def _activation(name: str, source: str):
+  from scipy.special import erf, expit
+  acts = {"quick_gelu": lambda v: v * expit(1.702 * v),
+          "gelu": lambda v: 0.5 * v * (1.0 + erf(v / np.sqrt(2.0)))}
+  if name not in acts:
+    raise UserError(f"{source}: hidden_act {name!r} not supported; expected one of {sorted(acts)}")
+  return acts[name]
+
+
+def _clip_text_apply(params: Mapping, ids: np.ndarray, *, num_heads: int, eps: float,
+                     act: str) -> np.ndarray:
+  """The CLIP text tower: (N, L) ids -> (N, E) EOT-pooled, projected features (float64).
 
   Pre-LN causal transformer: x += attn(LN1(x)); x += fc2(act(fc1(LN2(x)))); final LN; the row at
   argmax(ids) (the EOT token) @ text_projection. Same maths as transformers'
   FlaxCLIPTextModelWithProjection (tests compare them where that class exists).
   """
-  import jax
-  import jax.numpy as jnp
   tm = params["text_model"]
   n, length = ids.shape
+  activation = _activation(act, "CLIP text config")
 
   def norm(x, p):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    return _layer_norm(x, p["scale"], p["bias"], eps)
 
   def dense(x, p):
     return x @ p["kernel"] + p["bias"]
 
-  activation = {"quick_gelu": lambda v: v * jax.nn.sigmoid(1.702 * v),
-                "gelu": lambda v: jax.nn.gelu(v, approximate=False)}[act]
   emb = tm["embeddings"]
-  x = emb["token_embedding"]["embedding"][ids] + emb["position_embedding"]["embedding"][:length]
-  causal = jnp.tril(jnp.ones((length, length), bool))
+  x = (emb["token_embedding"]["embedding"][ids].astype(np.float64)
+       + emb["position_embedding"]["embedding"][:length])  # (N, L, W)
+  causal = np.tril(np.ones((length, length), bool))
   for i in range(len(tm["encoder"]["layers"])):
     layer = tm["encoder"]["layers"][str(i)]
     a = layer["self_attn"]
     h = norm(x, layer["layer_norm1"])
     q, k, v = (dense(h, a[name]).reshape(n, length, num_heads, -1)
                for name in ("q_proj", "k_proj", "v_proj"))  # (N, L, H, Dh)
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
-    x = x + dense(jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, length, -1), a["out_proj"])
+    x = x + dense(_attention(q, k, v, causal), a["out_proj"])
     h = norm(x, layer["layer_norm2"])
     x = x + dense(activation(dense(h, layer["mlp"]["fc1"])), layer["mlp"]["fc2"])
   x = norm(x, tm["final_layer_norm"])
-  pooled = x[jnp.arange(n), jnp.argmax(ids, axis=-1)]  # (N, W) at EOT
+  pooled = x[np.arange(n), np.argmax(ids, axis=-1)]  # (N, W) at EOT
   return pooled @ params["text_projection"]["kernel"]  # (N, E)
-
-
-@functools.lru_cache(maxsize=4)
-def _jitted_clip_forward(num_heads: int, eps: float, act: str):
-  """A jitted (params, ids) -> (N, E) function per config (memoised: compile once per run)."""
-  import jax
-  if act not in ("quick_gelu", "gelu"):
-    raise UserError(f"CLIP text config: hidden_act {act!r} not supported; expected quick_gelu "
-                    "or gelu")
-  return jax.jit(functools.partial(_clip_text_apply, num_heads=num_heads, eps=eps, act=act))
 
 
 def clip_text_forward(params: Mapping, config, input_ids: np.ndarray) -> np.ndarray:
@@ -460,11 +476,10 @@ def clip_text_forward(params: Mapping, config, input_ids: np.ndarray) -> np.ndar
   Returns:
     (N, projection_dim) float32.
   """
-  import jax
-  run = _jitted_clip_forward(int(config.num_attention_heads), float(config.layer_norm_eps),
-                             str(config.hidden_act))
-  with jax.default_matmul_precision("float32"):
-    return np.asarray(run(params, np.asarray(input_ids, np.int32)), np.float32)
+  out = _clip_text_apply(params, np.asarray(input_ids, np.int64),
+                         num_heads=int(config.num_attention_heads),
+                         eps=float(config.layer_norm_eps), act=str(config.hidden_act))
+  return out.astype(np.float32)
 
 
 def random_openai_state_dict(seed: int = 0, *, width: int = 32, layers: int = 2, heads: int = 2,
@@ -547,14 +562,14 @@ def _quiet_transformers():
 
 @functools.lru_cache(maxsize=1)
 def _load_minilm(path: str):
-  """(BERT weights {name: float64 array}, config dict, tokenizer) from the package's folder."""
+  """(BERT weights {name: array}, config dict, tokenizer) from the package's folder."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   from safetensors.numpy import load_file
   from transformers import AutoTokenizer
   with open(os.path.join(path, "config.json")) as f:
     config = json.load(f)
   sd = load_file(os.path.join(path, "model.safetensors"))
-  weights = {k.removeprefix("bert."): np.asarray(v, np.float64) for k, v in sd.items()}
+  weights = {k.removeprefix("bert."): v for k, v in sd.items()}
   with _quiet_transformers():
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
   return weights, config, tokenizer
@@ -563,15 +578,12 @@ def _load_minilm(path: str):
 def bert_last_hidden(weights: Mapping[str, np.ndarray], config: Mapping[str, Any],
                      input_ids: np.ndarray, attention_mask: np.ndarray,
                      token_type_ids: np.ndarray | None = None) -> np.ndarray:
-  """BERT encoder (post-LN, exact GELU) in float64 numpy: (N, L) ids -> (N, L, W) hidden states.
+  """BERT encoder (post-LN): (N, L) ids -> (N, L, W) hidden states, float64.
 
   `weights` use the Hugging Face PyTorch names (embeddings.*, encoder.layer.<i>.*); the maths is
-  that of transformers' BertModel (tests compare with FlaxBertModel where it exists). A few class
-  texts only, so plain numpy: the features are the same on every backend.
+  that of transformers' BertModel (tests compare with FlaxBertModel where it exists).
   """
-  from scipy.special import erf
-  if config.get("hidden_act", "gelu") != "gelu":
-    raise UserError(f"minilm config: hidden_act {config.get('hidden_act')!r}, expected 'gelu'")
+  activation = _activation(config.get("hidden_act", "gelu"), "minilm config")
   eps, heads = float(config["layer_norm_eps"]), int(config["num_attention_heads"])
 
   def w(name):
@@ -580,9 +592,7 @@ def bert_last_hidden(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
     return weights[name]
 
   def norm(x, prefix):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * w(prefix + ".weight") + w(prefix + ".bias")
+    return _layer_norm(x, w(prefix + ".weight"), w(prefix + ".bias"), eps)
 
   def dense(x, prefix):  # torch Linear: (out, in)
     return x @ w(prefix + ".weight").T + w(prefix + ".bias")
@@ -590,7 +600,7 @@ def bert_last_hidden(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
   ids = np.asarray(input_ids)
   n, length = ids.shape
   types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids)
-  x = (w("embeddings.word_embeddings.weight")[ids]
+  x = (w("embeddings.word_embeddings.weight")[ids].astype(np.float64)
        + w("embeddings.position_embeddings.weight")[:length]
        + w("embeddings.token_type_embeddings.weight")[types])
   x = norm(x, "embeddings.LayerNorm")  # (N, L, W)
@@ -599,14 +609,9 @@ def bert_last_hidden(weights: Mapping[str, np.ndarray], config: Mapping[str, Any
     b = f"encoder.layer.{i}."
     q, k, v = (dense(x, b + "attention.self." + name).reshape(n, length, heads, -1)
                for name in ("query", "key", "value"))  # (N, L, H, Dh)
-    logits = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
-    logits = np.where(keep, logits, -1e30)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    ctx = np.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, length, -1)
-    x = norm(x + dense(ctx, b + "attention.output.dense"), b + "attention.output.LayerNorm")
-    h = dense(x, b + "intermediate.dense")
-    h = 0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))
+    x = norm(x + dense(_attention(q, k, v, keep), b + "attention.output.dense"),
+             b + "attention.output.LayerNorm")
+    h = activation(dense(x, b + "intermediate.dense"))
     x = norm(x + dense(h, b + "output.dense"), b + "output.LayerNorm")
   return x
 

@@ -184,7 +184,7 @@ def test_openai_converter_matches_numpy_reference(tiny_sd):
 
 
 def test_clip_forward_matches_transformers_flax_clip(tiny_sd):
-  """Our plain-JAX tower against transformers' FlaxCLIPTextModelWithProjection (4.x only)."""
+  """Our numpy tower against transformers' FlaxCLIPTextModelWithProjection (4.x only)."""
   transformers = pytest.importorskip("transformers")
   if not hasattr(transformers, "FlaxCLIPTextModelWithProjection"):
     pytest.skip("this transformers ships no Flax CLIP (5.x)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200: Houston-sized streaming scene inference, the parity tests at
 # matmul precision "highest", benchmark, short synthetic train. Meant to fit 5 minutes; on the
-# H200 it did not (2026-11-27): XLA:GPU compiles of the train steps take minutes (README, Speed).
+# H200 it did not (2026-11-27): XLA:GPU compiles of the train steps take minutes (README,
+# GPU check).
 #
 #   tools/gpu_check.sh [OUT_DIR]          # default $OUT if set, else ./gpu_check_out
 #
@@ -70,8 +71,8 @@ if [[ " ${FAILED[*]-} " == *" devices "* ]]; then
 fi
 
 # Order: cheapest first; XLA:GPU compiles of the train steps take minutes (H200, jax 0.11.2:
-# a tiny teacher + student step pair 141 s, the Trento teacher step ~60 s), so the benchmarks
-# and the train run go last and get the largest timeouts.
+# a tiny teacher + student step pair 141 s, the Trento teacher step under 85 s), so the
+# benchmarks and the train run go last and get the largest timeouts.
 
 # 1. Houston-sized full scene (349 x 1905, 48 + 1 bands, P 11), streamed, batch 1024. The
 # host-RSS bound (2 GB) is the CPU claim; a CUDA process maps far more host memory for its
@@ -85,7 +86,7 @@ JAX_DEFAULT_MATMUL_PRECISION=highest step parity 60 "$OUT_DIR/parity.log" \
   "$PY" -m pytest -q -x -p no:cacheprovider tests/test_parity.py
 
 # 3. Benchmark (teacher / student step, inference, compile, RSS) at Trento's real shapes.
-step bench_trento 240 "$OUT_DIR/bench.log" "$PY" tools/bench.py --dataset trento --json \
+step bench_trento 240 "$OUT_DIR/bench_trento.log" "$PY" tools/bench.py --dataset trento --json \
   --out "$OUT_DIR/bench_trento.json"
 
 # 4. Short synthetic train (both stages, evaluation; no maps, no text-model download).
