@@ -177,10 +177,34 @@ class Conv3x3(nnx.Module):
       return _grouped_conv3x3(x, kernel, groups, layout) + self.bias[...]
     if groups > 1 and cin * kernel.shape[3] <= DENSE_GROUPED_CONV_MAX:
       kernel, groups = _block_diagonal_kernel(kernel, groups), 1
+    if groups == 1 and jax.default_backend() in CONV_AS_MATMUL_BACKENDS:
+      return _im2col_conv3x3(x, kernel, layout) + self.bias[...]
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
                                      dimension_numbers=(layout, "HWIO", layout),
                                      feature_group_count=groups)
     return y + self.bias[...]
+
+
+_SPATIAL_AXES = {"NHWC": (1, 2), "HWNC": (0, 1)}
+
+# Backends where a dense 3x3 conv runs as one (tokens, 9 cin) x (9 cin, cout) matmul instead of
+# a conv (on a GPU: no cuDNN algorithm search at compile time; set from tools/gpu_check.sh runs).
+CONV_AS_MATMUL_BACKENDS = ("gpu",)
+
+
+def _im2col_conv3x3(x: jax.Array, kernel: jax.Array, layout: str = "NHWC") -> jax.Array:
+  """Dense 3x3 cross-correlation, zero padding 1: the 9 shifted inputs side by side, one matmul.
+
+  x: (B, H, W, cin) ("NHWC") or (H, W, B, cin) ("HWNC"); kernel (3, 3, cin, cout) HWIO.
+  """
+  ay, ax = _SPATIAL_AXES[layout]
+  h, w = x.shape[ay], x.shape[ax]
+  pad = [(0, 0)] * x.ndim
+  pad[ay] = pad[ax] = (1, 1)
+  xp = jnp.pad(x, pad)
+  cols = [jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, dy, dy + h, axis=ay), dx, dx + w, axis=ax)
+          for dy in range(3) for dx in range(3)]  # 9 x (..., cin), (dy, dx) row-major like HWIO
+  return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
 
 
 # Grouped convs with at most this many input channels per group run as 9 * (cin/groups) shifted
@@ -195,8 +219,6 @@ def _expand_group_input(xp: jax.Array, groups: int, cin_g: int, cout_g: int, j: 
   xj = xp.reshape(lead + (groups, cin_g))[..., j]  # (..., groups)
   return jnp.broadcast_to(xj[..., None], xj.shape + (cout_g,)).reshape(lead + (groups * cout_g,))
 
-
-_SPATIAL_AXES = {"NHWC": (1, 2), "HWNC": (0, 1)}
 
 
 def _shift_conv3x3(x: jax.Array, kernel: jax.Array, groups: int, layout: str = "NHWC"):
@@ -253,11 +275,18 @@ def _grouped_conv3x3_fwd(x, kernel, groups, layout):
 FILTER_GRAD_CHUNK_CHANNELS = 8
 
 
+# Backends where the grouped filter gradient runs as dense convs over channel chunks; elsewhere
+# (GPU) as 9 * cin/groups multiply-reductions over all tokens, which needs no conv kernels.
+FILTER_GRAD_CONV_BACKENDS = ("cpu",)
+
+
 def _grouped_filter_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, groups: int,
                          layout: str) -> jax.Array:
   """d(sum(g * grouped_conv(x, kernel)))/d kernel, (3, 3, cin/groups, cout)."""
   cin_g, cout = kernel.shape[2], kernel.shape[3]
   cout_g = cout // groups
+  if jax.default_backend() not in FILTER_GRAD_CONV_BACKENDS:
+    return _grouped_filter_grad_reduce(x, g, groups, cin_g, cout_g, layout)
   per_chunk = max(1, FILTER_GRAD_CHUNK_CHANNELS // max(cin_g, cout_g))
   while groups % per_chunk:  # groups per chunk: a divisor of groups
     per_chunk -= 1
@@ -271,6 +300,25 @@ def _grouped_filter_grad(x: jax.Array, g: jax.Array, kernel: jax.Array, groups: 
                      kc)
     grads.append(vjp(gc)[0])
   return jnp.concatenate(grads, axis=-1)
+
+
+def _grouped_filter_grad_reduce(x, g, groups, cin_g, cout_g, layout):
+  """`_grouped_filter_grad` as sum over tokens of (shifted input) * g, per kernel tap."""
+  ay, ax = _SPATIAL_AXES[layout]
+  h, w = x.shape[ay], x.shape[ax]
+  pad = [(0, 0)] * x.ndim
+  pad[ay] = pad[ax] = (1, 1)
+  xp = jnp.pad(x, pad)
+  token_axes = tuple(range(x.ndim - 1))
+  taps = []
+  for dy in range(3):
+    for dx in range(3):
+      for j in range(cin_g):
+        xj = _expand_group_input(xp, groups, cin_g, cout_g, j)
+        xj = jax.lax.slice_in_dim(jax.lax.slice_in_dim(xj, dy, dy + h, axis=ay), dx, dx + w,
+                                  axis=ax)
+        taps.append((xj * g).sum(axis=token_axes))  # (cout,)
+  return jnp.stack(taps).reshape(3, 3, cin_g, groups * cout_g)
 
 
 def _grouped_conv3x3_bwd(groups, layout, res, g):

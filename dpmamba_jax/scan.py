@@ -69,11 +69,12 @@ def inverse_paths(paths: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _path_ops(paths_bytes: bytes, k_dirs: int, length: int):
-  """(gather, merge) for fixed paths, each the other's transpose, both done with gathers.
+def _path_ops(paths_bytes: bytes, k_dirs: int, length: int, axis: int):
+  """(gather, merge) for fixed paths along token axis `axis`, each the other's transpose.
 
-  gather: (B, L, D) -> (B, K, L, D), xs[:, k, t] = u[:, paths[k, t]].
-  merge:  (B, K, L, D) -> (B, L, D), out[:, p] = sum_k y[:, k, inv[k, p]].
+  For axis 1: gather (B, L, D) -> (B, K, L, D), xs[:, k, t] = u[:, paths[k, t]]; merge
+  (B, K, L, D) -> (B, L, D), out[:, p] = sum_k y[:, k, inv[k, p]]. For axis 0 the same on
+  time-major (L, B, D) tokens, with (K, L, B, D) per-direction arrays.
   Custom VJPs keep the backward pass a gather too (XLA's scatter-add is slow on CPU and gets
   constant-folded at compile time for fixed indices).
   """
@@ -84,14 +85,15 @@ def _path_ops(paths_bytes: bytes, k_dirs: int, length: int):
   flat_paths = paths.reshape(-1)  # (K*L,) numpy: a compile-time constant
   flat_inv = (inv + np.arange(k_dirs)[:, None] * length).reshape(-1)  # (K*L,)
 
+  def split_kl(x):  # (..., K*L, ...) at axis -> (..., K, L, ...)
+    return x.reshape(x.shape[:axis] + (k_dirs, length) + x.shape[axis + 1:])
+
   def gather_impl(u):
-    b, _, d = u.shape
-    return jnp.take(u, flat_paths, axis=1).reshape(b, k_dirs, length, d)
+    return split_kl(jnp.take(u, flat_paths, axis=axis))
 
   def merge_impl(y):
-    b, _, _, d = y.shape
-    y = jnp.take(y.reshape(b, k_dirs * length, d), flat_inv, axis=1)
-    return y.reshape(b, k_dirs, length, d).sum(axis=1)
+    y = y.reshape(y.shape[:axis] + (k_dirs * length,) + y.shape[axis + 2:])
+    return split_kl(jnp.take(y, flat_inv, axis=axis)).sum(axis=axis)
 
   gather = jax.custom_vjp(gather_impl)
   gather.defvjp(lambda u: (gather_impl(u), None), lambda _, g: (merge_impl(g),))
@@ -100,10 +102,10 @@ def _path_ops(paths_bytes: bytes, k_dirs: int, length: int):
   return gather, merge
 
 
-def path_ops(paths: np.ndarray):
-  """Cached (gather, merge) functions for a (K, L) path array; see `_path_ops`."""
+def path_ops(paths: np.ndarray, axis: int = 1):
+  """Cached (gather, merge) functions for a (K, L) path array and token axis; see `_path_ops`."""
   paths = np.ascontiguousarray(paths, np.int32)
-  return _path_ops(paths.tobytes(), *paths.shape)
+  return _path_ops(paths.tobytes(), *paths.shape, axis)
 
 
 def _combine(left, right):
@@ -200,8 +202,8 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
     a_log: (K, R); A = -exp(a_log), one scalar per head.
     d_skip: (K, D) skip weight per direction and channel.
     paths: (K, L) int scan orders (numpy, static), e.g. ``zigzag_paths(P)``.
-    time_major: u (and the result) are (L, B, D) instead of (B, L, D); the "recurrent" impl
-      works in that layout, the others transpose.
+    time_major: u (and the result) are (L, B, D) instead of (B, L, D); "recurrent",
+      "associative" and "sequential" work in that layout, "chunked" transposes.
     impl: "associative" (one associative_scan over all directions and heads), "sequential"
       (lax.scan reference), "chunked" (`ssd_chunked`: P x P in-chunk matrices, no per-direction
       gathers; falls back to "associative" for paths without row/column chunks), "recurrent"
@@ -218,35 +220,40 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
       return selective_scan_recurrent(u, x_proj, dt_bias, a_log, d_skip, paths)
     return jnp.swapaxes(selective_scan_recurrent(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log,
                                                  d_skip, paths), 0, 1)
-  if time_major:
-    return jnp.swapaxes(selective_scan(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log, d_skip,
-                                       paths, impl=impl), 0, 1)
-  if impl == "chunked":
+  if impl == "chunked":  # batch-major
+    if time_major:
+      return jnp.swapaxes(ssd_chunked.selective_scan_chunked(
+          jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log, d_skip, paths), 0, 1)
     return ssd_chunked.selective_scan_chunked(u, x_proj, dt_bias, a_log, d_skip, paths)
-  gather, merge = path_ops(paths)
-  bsz, length, dim = u.shape
+  # "associative" / "sequential" work time-major: the scan axis L leads, so its slices are
+  # whole (B, ...) slabs, and the blocks' (P, P, B, h) features need no transpose
+  if not time_major:
+    return jnp.swapaxes(selective_scan(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log, d_skip,
+                                       paths, impl=impl, time_major=True), 0, 1)
+  gather, merge = path_ops(paths, axis=0)
+  length, bsz, dim = u.shape
   k_dirs, r_heads = a_log.shape
   n_state = (x_proj.shape[-1] - r_heads) // 2
   head_dim = dim // r_heads
   u = u.astype(jnp.float32)
 
-  xs = gather(u)  # (B, K, L, D)
-  z = jnp.einsum("bkld,kde->bkle", xs, x_proj.astype(jnp.float32))  # (B, K, L, R+2N)
-  dt = jax.nn.softplus(z[..., :r_heads] + dt_bias[:, None, :])  # (B, K, L, R)
-  b_in = z[..., r_heads:r_heads + n_state]  # (B, K, L, N)
-  c_out = z[..., r_heads + n_state:]  # (B, K, L, N)
+  xs = gather(u)  # (K, L, B, D)
+  z = jnp.einsum("klbd,kde->klbe", xs, x_proj.astype(jnp.float32))  # (K, L, B, R+2N)
+  dt = jax.nn.softplus(z[..., :r_heads] + dt_bias[:, None, None, :])  # (K, L, B, R)
+  b_in = z[..., r_heads:r_heads + n_state]  # (K, L, B, N)
+  c_out = z[..., r_heads + n_state:]  # (K, L, B, N)
   a_head = -jnp.exp(a_log.astype(jnp.float32))  # (K, R)
 
-  x_h = xs.reshape(bsz, k_dirs, length, r_heads, head_dim)  # (B, K, L, R, Dh)
-  decay = jnp.exp(dt * a_head[:, None, :])[..., None, None]  # (B, K, L, R, 1, 1)
+  x_h = xs.reshape(k_dirs, length, bsz, r_heads, head_dim)  # (K, L, B, R, Dh)
+  decay = jnp.exp(dt * a_head[:, None, None, :])[..., None, None]  # (K, L, B, R, 1, 1)
   drive = (dt[..., None, None] * x_h[..., None]
-           * b_in[:, :, :, None, None, :])  # (B, K, L, R, Dh, N)
-  h = linear_recurrence(decay, drive, axis=2, impl=impl)  # (B, K, L, R, Dh, N)
-  # contraction over N as multiply + sum: a dot_general with B*K*L batch dims is slow on CPU
-  y = (h * c_out[:, :, :, None, None, :]).sum(axis=-1).reshape(bsz, k_dirs, length, dim)
-  y = y + d_skip[None, :, None, :] * xs  # (B, K, L, D)
+           * b_in[:, :, :, None, None, :])  # (K, L, B, R, Dh, N)
+  h = linear_recurrence(decay, drive, axis=1, impl=impl)  # (K, L, B, R, Dh, N)
+  # contraction over N as multiply + sum: a dot_general with K*L*B batch dims is slow on CPU
+  y = (h * c_out[:, :, :, None, None, :]).sum(axis=-1).reshape(k_dirs, length, bsz, dim)
+  y = y + d_skip[:, None, None, :] * xs  # (K, L, B, D)
 
-  return merge(y)  # back to raster order, summed over directions: (B, L, D)
+  return merge(y)  # back to raster order, summed over directions: (L, B, D)
 
 
 def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,

@@ -72,16 +72,19 @@ def _to_lines(x, orient):
   return x if orient == 0 else jnp.swapaxes(x, 1, 2)
 
 
-def _recur_chunks(decay, h):
-  """Hend[c] = decay[c] Hend[c-1] + h[c] over axis 1 (P chunks, tiny arrays)."""
+def _recur_chunks(log_decay, h):
+  """Hend[c] = exp(log_decay[c]) Hend[c-1] + h[c] over the P chunks (axis 1), in closed form.
 
-  def step(carry, dh):
-    carry = dh[0] * carry + dh[1]
-    return carry, carry
-
-  _, out = jax.lax.scan(step, jnp.zeros_like(h[:, 0]),
-                        (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(h, 1, 0)))
-  return jnp.moveaxis(out, 0, 1)
+  log_decay: (B, C, R); h: (B, C, R, Dh, N). Hend[c] = sum_{c' <= c} exp(T_c - T_c') h[c'] with
+  T the inclusive cumsum of log_decay: one small (C, C) matrix per (B, R) and one einsum, no
+  loop (a lax.scan over the chunks is a device loop on GPU, a launch or more per chunk).
+  """
+  c = log_decay.shape[1]
+  tri = np.tril(np.ones((c, c), np.float32))  # [c, c']: c' <= c
+  cum = jnp.einsum("ce,ber->bcr", tri, log_decay, precision=jax.lax.Precision.HIGHEST)
+  seg = cum[:, :, None, :] - cum[:, None, :, :]  # (B, c, c', R)
+  w = jnp.exp(jnp.where(tri[None, :, :, None] > 0, seg, -jnp.inf))
+  return jnp.einsum("bcer,berdn->bcrdn", w, h, precision=jax.lax.Precision.HIGHEST)
 
 
 def selective_scan_chunked(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
@@ -143,8 +146,7 @@ def selective_scan_chunked(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
     w = jnp.exp(total[:, :, None, :] - cum) * dt  # (B, line, pos, R)
     h_line = jnp.einsum("bljr,bljn,bljrd->blrdn", w, b_in, x_lines[o])  # (B, line, R, Dh, N)
     h_chunk = h_line[:, chunk_line[k]]  # (B, chunk, R, Dh, N)
-    dec_chunk = jnp.exp(total[:, chunk_line[k]])[..., None, None]  # (B, chunk, R, 1, 1)
-    h_end = _recur_chunks(dec_chunk, h_chunk)
+    h_end = _recur_chunks(total[:, chunk_line[k]], h_chunk)  # (B, chunk, R, Dh, N)
     h_in = jnp.pad(h_end[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))  # state entering c
     h_in = h_in[:, line_chunk[k]]  # (B, line, R, Dh, N)
     v = jnp.exp(cum)[..., None] * c_out[:, :, :, None, :]  # (B, line, pos, R, N)

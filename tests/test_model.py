@@ -293,21 +293,33 @@ def test_attention_fusion_weights():
   np.testing.assert_array_equal(af([ones, ones], rate=0.0, key=jax.random.PRNGKey(1)), ones)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "HWNC"])
+@pytest.mark.parametrize("gpu_forms", [False, True], ids=["cpu_forms", "gpu_forms"])
 @pytest.mark.parametrize("groups", [1, 4, 8])
-def test_conv3x3_matches_grouped_lax_conv(groups):
-  """Conv3x3 runs grouped convs as a dense block-diagonal conv; same values and gradients."""
-  from dpmamba_jax.model import Conv3x3
-  conv = Conv3x3(8, 8, groups, rngs=nnx.Rngs(0))
+def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch):
+  """Conv3x3's forms of a (grouped) conv give lax.conv's values and kernel gradients.
+
+  groups 1: a lax conv (CPU) or an im2col matmul (GPU); 4, 8: shifted multiply-adds whose kernel
+  gradient is chunked dense convs (CPU) or per-tap reductions (GPU). gpu_forms runs the GPU
+  forms here by listing the CPU backend for them.
+  """
+  from dpmamba_jax import model as model_lib
+  if gpu_forms:
+    monkeypatch.setattr(model_lib, "CONV_AS_MATMUL_BACKENDS", ("cpu",))
+    monkeypatch.setattr(model_lib, "FILTER_GRAD_CONV_BACKENDS", ())
+  conv = model_lib.Conv3x3(8, 8, groups, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 8))
+  to_layout = (lambda a: a) if layout == "NHWC" else (lambda a: jnp.transpose(a, (1, 2, 0, 3)))
   ref = lambda k, x: jax.lax.conv_general_dilated(
       x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=groups)
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(conv(x), ref(conv.kernel[...], x) + conv.bias[...], atol=1e-5)
+    np.testing.assert_allclose(conv(to_layout(x), layout),
+                               to_layout(ref(conv.kernel[...], x) + conv.bias[...]), atol=1e-5)
     g_ref = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(ref(k, x)))))(conv.kernel[...])
     gd, params = nnx.split(conv)
-    g_mine = jax.jit(jax.grad(
-        lambda p: jnp.sum(jnp.sin(nnx.merge(gd, p)(x) - conv.bias[...]))))(params)
+    g_mine = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(
+        nnx.merge(gd, p)(to_layout(x), layout) - conv.bias[...]))))(params)
   np.testing.assert_allclose(g_mine["kernel"][...], g_ref, atol=1e-4, rtol=1e-4)
 
 

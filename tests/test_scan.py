@@ -128,16 +128,25 @@ def test_linear_recurrence_zero_initial_state_and_bad_impl():
     scan.linear_recurrence(a, b, axis=1, impl="parallel")
 
 
-def test_path_ops_vjps_match_autodiff():
-  """gather/merge carry hand-written VJPs (each other); compare with autodiff of plain gathers."""
+@pytest.mark.parametrize("axis", [1, 0])
+def test_path_ops_vjps_match_autodiff(axis):
+  """gather/merge carry hand-written VJPs (each other); compare with autodiff of plain gathers.
+
+  axis 1: (B, L, D) tokens, (B, K, L, D) per direction; axis 0: (L, B, D) and (K, L, B, D).
+  """
   p, bsz, dim = 4, 2, 3
   paths = scan.zigzag_paths(p)
   inv = scan.inverse_paths(paths)
-  gather, merge = scan.path_ops(paths)
+  gather, merge = scan.path_ops(paths, axis=axis)
   u = jax.random.normal(jax.random.PRNGKey(0), (bsz, p * p, dim))
   y = jax.random.normal(jax.random.PRNGKey(1), (bsz, 4, p * p, dim))
   ref_gather = lambda u: jnp.take(u, jnp.asarray(paths), axis=1)  # (B, K, L, D)
   ref_merge = lambda y: jnp.take_along_axis(y, jnp.asarray(inv)[None, :, :, None], axis=2).sum(1)
+  if axis == 0:  # the same references on the time-major layouts
+    ref_gather0, ref_merge0 = ref_gather, ref_merge
+    u, y = jnp.swapaxes(u, 0, 1), jnp.transpose(y, (1, 2, 0, 3))
+    ref_gather = lambda u: jnp.transpose(ref_gather0(jnp.swapaxes(u, 0, 1)), (1, 2, 0, 3))
+    ref_merge = lambda y: jnp.swapaxes(ref_merge0(jnp.transpose(y, (2, 0, 1, 3))), 0, 1)
   np.testing.assert_array_equal(gather(u), ref_gather(u))
   np.testing.assert_allclose(merge(y), ref_merge(y), rtol=1e-6)
   cy, cu = jnp.cos(y), jnp.sin(u)

@@ -162,3 +162,26 @@ def test_shift_grouped_conv_matches_lax_grouped_conv(groups, cin, cout):
     chex.assert_trees_all_close(jax.jit(jax.grad(loss(new), argnums=(0, 1)))(x, kernel),
                                 jax.grad(loss(ref), argnums=(0, 1))(x, kernel),
                                 rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["associative", "sequential", "chunked", "recurrent"])
+def test_time_major_matches_batch_major(impl):
+  """The blocks call the scan time-major, (L, B, D); values and gradients equal (B, L, D)."""
+  args = _random_ssm(11, 3, 5, 8, 2, 1)
+  paths = scan.zigzag_paths(5)
+  w = jax.random.normal(jax.random.PRNGKey(2), (3, 25, 8))
+
+  def loss(u, *rest, time_major):
+    if time_major:
+      y = jnp.swapaxes(scan.selective_scan(jnp.swapaxes(u, 0, 1), *rest, paths, impl=impl,
+                                           time_major=True), 0, 1)
+    else:
+      y = scan.selective_scan(u, *rest, paths, impl=impl)
+    return jnp.sum(w * jnp.tanh(y))
+
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(jax.value_and_grad(lambda *a: loss(*a, time_major=True),
+                                     argnums=(0, 1, 2, 3, 4)))(*args)
+    want = jax.jit(jax.value_and_grad(lambda *a: loss(*a, time_major=False),
+                                      argnums=(0, 1, 2, 3, 4)))(*args)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200: Houston-sized streaming scene inference, the parity tests at
-# matmul precision "highest", benchmark, short synthetic train. Meant to fit 5 minutes; on the
-# H200 it did not (2026-11-27): XLA:GPU compiles of the train steps take minutes (README,
-# GPU check).
+# matmul precision "highest", benchmark, short synthetic train. Fits 5 minutes: 247 s on an
+# H200 (2026-11-27), most of it XLA:GPU compiles (README, GPU check).
 #
 #   tools/gpu_check.sh [OUT_DIR]          # default $OUT if set, else ./gpu_check_out
 #
@@ -70,9 +69,9 @@ if [[ " ${FAILED[*]-} " == *" devices "* ]]; then
   echo "no usable GPU; stopping" | tee -a "$SUMMARY"; exit 1
 fi
 
-# Order: cheapest first; XLA:GPU compiles of the train steps take minutes (H200, jax 0.11.2:
-# a tiny teacher + student step pair 141 s, the Trento teacher step under 85 s), so the
-# benchmarks and the train run go last and get the largest timeouts.
+# Order: cheapest first; the XLA:GPU compiles dominate (H200, jax 0.11.2: the scene 24 s, bench
+# Trento 57 s, train 90 s, bench Houston 63 s, each mostly compiling), so the benchmarks and the
+# train run go last and get the largest timeouts.
 
 # 1. Houston-sized full scene (349 x 1905, 48 + 1 bands, P 11), streamed, batch 1024. The
 # host-RSS bound (2 GB) is the CPU claim; a CUDA process maps far more host memory for its
