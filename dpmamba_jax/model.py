@@ -187,8 +187,23 @@ class Conv3x3(nnx.Module):
 
 _SPATIAL_AXES = {"NHWC": (1, 2), "HWNC": (0, 1)}
 
+
+def _pad_hw(x: jax.Array, layout: str) -> jax.Array:
+  """Zero padding 1 on the two spatial axes of `layout`."""
+  ay, ax = _SPATIAL_AXES[layout]
+  pad = [(0, 0)] * x.ndim
+  pad[ay] = pad[ax] = (1, 1)
+  return jnp.pad(x, pad)
+
+
+def _hw_window(xp: jax.Array, dy: int, dx: int, h: int, w: int, layout: str) -> jax.Array:
+  """The (h, w) spatial window at offset (dy, dx) of a `_pad_hw`-padded array."""
+  ay, ax = _SPATIAL_AXES[layout]
+  return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, dy, dy + h, axis=ay), dx, dx + w, axis=ax)
+
 # Backends where a dense 3x3 conv runs as one (tokens, 9 cin) x (9 cin, cout) matmul instead of
-# a conv (on a GPU: no cuDNN algorithm search at compile time; set from tools/gpu_check.sh runs).
+# a conv (on a GPU: no cuDNN algorithm search at compile time, and a faster step; measured on an
+# H200, README "GPU check").
 CONV_AS_MATMUL_BACKENDS = ("gpu",)
 
 
@@ -199,11 +214,9 @@ def _im2col_conv3x3(x: jax.Array, kernel: jax.Array, layout: str = "NHWC") -> ja
   """
   ay, ax = _SPATIAL_AXES[layout]
   h, w = x.shape[ay], x.shape[ax]
-  pad = [(0, 0)] * x.ndim
-  pad[ay] = pad[ax] = (1, 1)
-  xp = jnp.pad(x, pad)
-  cols = [jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, dy, dy + h, axis=ay), dx, dx + w, axis=ax)
-          for dy in range(3) for dx in range(3)]  # 9 x (..., cin), (dy, dx) row-major like HWIO
+  xp = _pad_hw(x, layout)
+  # 9 x (..., cin), (dy, dx) row-major like the HWIO kernel
+  cols = [_hw_window(xp, dy, dx, h, w, layout) for dy in range(3) for dx in range(3)]
   return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
 
 
@@ -230,9 +243,7 @@ def _shift_conv3x3(x: jax.Array, kernel: jax.Array, groups: int, layout: str = "
   ay, ax = _SPATIAL_AXES[layout]
   h, w = x.shape[ay], x.shape[ax]
   cin_g, cout = kernel.shape[2], kernel.shape[3]
-  pad = [(0, 0)] * x.ndim
-  pad[ay] = pad[ax] = (1, 1)
-  xp = jnp.pad(x, pad)
+  xp = _pad_hw(x, layout)
   y = None
   for j in range(cin_g):
     xj = _expand_group_input(xp, groups, cin_g, cout // groups, j)
@@ -306,25 +317,21 @@ def _grouped_filter_grad_reduce(x, g, groups, cin_g, cout_g, layout):
   """`_grouped_filter_grad` as sum over tokens of (shifted input) * g, per kernel tap."""
   ay, ax = _SPATIAL_AXES[layout]
   h, w = x.shape[ay], x.shape[ax]
-  pad = [(0, 0)] * x.ndim
-  pad[ay] = pad[ax] = (1, 1)
-  xp = jnp.pad(x, pad)
+  xp = _pad_hw(x, layout)
   token_axes = tuple(range(x.ndim - 1))
   taps = []
   for dy in range(3):
     for dx in range(3):
       for j in range(cin_g):
-        xj = _expand_group_input(xp, groups, cin_g, cout_g, j)
-        xj = jax.lax.slice_in_dim(jax.lax.slice_in_dim(xj, dy, dy + h, axis=ay), dx, dx + w,
-                                  axis=ax)
+        xj = _hw_window(_expand_group_input(xp, groups, cin_g, cout_g, j), dy, dx, h, w, layout)
         taps.append((xj * g).sum(axis=token_axes))  # (cout,)
   return jnp.stack(taps).reshape(3, 3, cin_g, groups * cout_g)
 
 
 def _grouped_conv3x3_bwd(groups, layout, res, g):
-  # d/dx: the same shifted form with the flipped, group-transposed kernel. d/dkernel: XLA's
-  # filter gradient of block-diagonal dense convs over channel chunks (faster on CPU than
-  # 9 * cin_g reductions over all tokens).
+  # d/dx: the same shifted form with the flipped, group-transposed kernel. d/dkernel: on CPU
+  # XLA's filter gradient of block-diagonal dense convs over channel chunks (faster there than
+  # 9 * cin_g reductions over all tokens), on GPU those reductions (no conv kernels to autotune).
   x, kernel = res
   dx = _shift_conv3x3(g, _transposed_group_kernel(kernel, groups), groups, layout)
   return dx, _grouped_filter_grad(x, g, kernel, groups, layout)
