@@ -37,6 +37,7 @@ import resource
 import subprocess
 import sys
 import time
+import types
 from typing import Sequence
 
 import numpy as np
@@ -59,18 +60,20 @@ def _times(fn, n: int) -> tuple[float, float]:
   return float(np.median(ts)), float(np.min(ts))
 
 
-def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int]) -> dict:
-  """Benchmarks one (dataset, scan impl) in this process. Returns the KEYS dict (+ context)."""
+def build(dataset: str, scan_impl: str = "auto") -> types.SimpleNamespace:
+  """The real jitted steps at a dataset's shapes, on random inputs (also used by profile_step).
+
+  Returns a namespace: spec, cfg, cubes (padded random scene per modality), z (class text
+  features), idx / labels (one train batch), teacher / student (nnx models), t_graph, t_state,
+  t_step, s_graph, s_state, s_step, predict, scene (H, W) and rng.
+  """
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from dpmamba_jax import datasets
   from dpmamba_jax import model as model_lib
-  from dpmamba_jax import scan
   from dpmamba_jax import steps
-
-  train.release_memory_after_compiles()  # as the CLIs do
 
   spec = datasets.get_spec(dataset)
   cfg = model_lib.ModelConfig.for_dataset(spec, scan_impl=scan_impl)
@@ -86,11 +89,36 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   oc = steps.OptimConfig(lr=3e-4, warmup_init=1e-6, lr_min=1e-6, warmup_steps=10,
                          total_steps=1000)
   tx, sched = steps.make_optimizer(oc)
-
   teacher = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
   t_graph, t_state = steps.init_train_state(teacher, tx, jax.random.PRNGKey(0))
-  t_step = steps.make_teacher_step(t_graph, tx, sched, width=w, patch_size=p)
-  box = {"t": t_state}
+  student = model_lib.DPMamba(cfg.replace(prompts=True), rngs=nnx.Rngs(1))
+  s_graph, s_state = steps.init_train_state(student, tx, jax.random.PRNGKey(1))
+  return types.SimpleNamespace(
+      spec=spec, cfg=cfg, cubes=cubes, z=z, idx=idx, labels=labels, scene=(h, w), rng=rng,
+      t_graph=t_graph, t_state=t_state,
+      t_step=steps.make_teacher_step(t_graph, tx, sched, width=w, patch_size=p),
+      s_graph=s_graph, s_state=s_state,
+      s_step=steps.make_student_step(s_graph, t_graph, tx, sched, width=w, patch_size=p,
+                                     num_modalities=cfg.num_modalities, batch_size=bsz),
+      predict=steps.make_predict_step(s_graph, width=w, patch_size=p))
+
+
+def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int]) -> dict:
+  """Benchmarks one (dataset, scan impl) in this process. Returns the KEYS dict (+ context)."""
+  import jax
+  import jax.numpy as jnp
+
+  from dpmamba_jax import scan
+
+  train.release_memory_after_compiles()  # as the CLIs do
+
+  env = build(dataset, scan_impl)
+  spec, cfg, cubes, z, idx, labels, rng = (env.spec, env.cfg, env.cubes, env.z, env.idx,
+                                           env.labels, env.rng)
+  p, bsz = spec.patch_size, spec.batch_size
+  h, w = env.scene
+  t_step, s_step, predict = env.t_step, env.s_step, env.predict
+  box = {"t": env.t_state}
 
   def teacher_once():
     box["t"], m = t_step(box["t"], cubes, z, idx, labels)
@@ -102,12 +130,8 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   teacher_once()
   teacher_s, teacher_min = _times(teacher_once, steps_n)
 
-  student = model_lib.DPMamba(cfg.replace(prompts=True), rngs=nnx.Rngs(1))
-  s_graph, s_state = steps.init_train_state(student, tx, jax.random.PRNGKey(1))
-  s_step = steps.make_student_step(s_graph, t_graph, tx, sched, width=w, patch_size=p,
-                                   num_modalities=cfg.num_modalities, batch_size=bsz)
   frozen = (box["t"].params, box["t"].batch_stats)
-  box["s"] = s_state
+  box["s"] = env.s_state
 
   def student_once():
     box["s"], m = s_step(box["s"], frozen, cubes, z, idx, labels)
@@ -127,7 +151,6 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   pipelined_s = _times(student_10, 2)[1] / 10 if jax.default_backend() != "cpu" else None
 
   train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-  predict = steps.make_predict_step(s_graph, width=w, patch_size=p)
   s_params, s_rest = box["s"].params, box["s"].batch_stats
   batches = [infer_batch] if isinstance(infer_batch, int) else list(infer_batch)
   by_batch = {}
