@@ -145,20 +145,19 @@ def run(dataset: str, step: str, batch: int, n_steps: int, dump_dir: str) -> dic
                                         env.z, idx, mask))
   once()
   once()
-  trace_dir = tempfile.mkdtemp(prefix="profile_step_trace_")
-  with jax.profiler.trace(trace_dir):
-    for _ in range(n_steps):
-      once()
+  with tempfile.TemporaryDirectory(prefix="profile_step_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(n_steps):
+        once()
+    events = _device_events(trace_dir, jax.default_backend())
   module = "jit_predict" if step == "predict" else "jit_step"
   dumps = glob.glob(os.path.join(dump_dir, f"*{module}*after_optimizations.txt"))
   if not dumps:
     raise errors.UserError(f"{dump_dir}: no optimized HLO of {module} was dumped (the dump flags "
                            "act only if set before JAX starts: run this file as a script)")
-  # the step traced is the last module of that name compiled (the teacher step is compiled
-  # before the student step is built)
+  # the newest module of that name: the traced step (the only step compiled in this process)
   dump = max(dumps, key=lambda p: int(re.search(r"module_(\d+)", p).group(1)))
-  result = attribute(_device_events(trace_dir, jax.default_backend()),
-                     hlo_source_lines(dump), n_steps)
+  result = attribute(events, hlo_source_lines(dump), n_steps)
   result.update(dataset=env.spec.name, step=step, steps=n_steps,
                 batch=batch if step == "predict" else env.spec.batch_size,
                 backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind)
@@ -191,13 +190,13 @@ def main(argv=None) -> int:
     raise errors.UserError("--batch and --steps: expected positive ints")
   from dpmamba_jax import datasets, train
   datasets.get_spec(args.dataset)  # UserError for unknown names
-  dump_dir = tempfile.mkdtemp(prefix="profile_step_hlo_")
-  flags = [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_as_text",
-           "--xla_dump_hlo_module_re=jit_(step|predict)", train.cpu_xla_flags()]
-  if any(k in (train.accelerator_plugin() or "") for k in ("cuda", "rocm")):
-    flags.append("--xla_gpu_enable_command_buffer=")
-  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
-  result = run(args.dataset, args.step, args.batch, args.steps, dump_dir)
+  with tempfile.TemporaryDirectory(prefix="profile_step_hlo_") as dump_dir:
+    flags = [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_as_text",
+             "--xla_dump_hlo_module_re=jit_(step|predict)", train.cpu_xla_flags()]
+    if any(k in (train.accelerator_plugin() or "") for k in ("cuda", "rocm")):
+      flags.append("--xla_gpu_enable_command_buffer=")
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
+    result = run(args.dataset, args.step, args.batch, args.steps, dump_dir)
   print(format_report(result, args.top))
   if args.json:
     tmp = args.json + ".tmp"
