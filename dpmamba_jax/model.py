@@ -201,6 +201,7 @@ def _hw_window(xp: jax.Array, dy: int, dx: int, h: int, w: int, layout: str) -> 
   ay, ax = _SPATIAL_AXES[layout]
   return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, dy, dy + h, axis=ay), dx, dx + w, axis=ax)
 
+
 # Backends where a dense 3x3 conv runs as one (tokens, 9 cin) x (9 cin, cout) matmul instead of
 # a conv (on a GPU: no cuDNN algorithm search at compile time, and a faster step; measured on an
 # H200, README "GPU check").
@@ -231,7 +232,6 @@ def _expand_group_input(xp: jax.Array, groups: int, cin_g: int, cout_g: int, j: 
   lead = xp.shape[:-1]
   xj = xp.reshape(lead + (groups, cin_g))[..., j]  # (..., groups)
   return jnp.broadcast_to(xj[..., None], xj.shape + (cout_g,)).reshape(lead + (groups * cout_g,))
-
 
 
 def _shift_conv3x3(x: jax.Array, kernel: jax.Array, groups: int, layout: str = "NHWC"):

@@ -72,6 +72,21 @@ def _to_lines(x, orient):
   return x if orient == 0 else jnp.swapaxes(x, 1, 2)
 
 
+def _segment_decays(before: np.ndarray, log_a: jax.Array):
+  """Cumulative log-decays and the decay between every ordered pair of steps.
+
+  before: (..., I, J) bool, step j comes at or before step i (a static order); log_a:
+  (B, ..., J, R) per-step log decays. Returns cum (B, ..., I, R), the inclusive sums along the
+  order, and decay (B, ..., I, J, R) = exp(cum_i - cum_j) where before[i, j], else 0.
+  """
+  # the sums as a 0/1 matmul; HIGHEST keeps them float32 where the default matmul precision is
+  # lower
+  cum = jnp.einsum("...ij,b...jr->b...ir", before.astype(np.float32), log_a,
+                   precision=jax.lax.Precision.HIGHEST)
+  seg = cum[..., :, None, :] - cum[..., None, :, :]  # (B, ..., I, J, R)
+  return cum, jnp.exp(jnp.where(before[..., None], seg, -jnp.inf))
+
+
 def _recur_chunks(log_decay, h):
   """Hend[c] = exp(log_decay[c]) Hend[c-1] + h[c] over the P chunks (axis 1), in closed form.
 
@@ -80,10 +95,7 @@ def _recur_chunks(log_decay, h):
   loop (a lax.scan over the chunks is a device loop on GPU, a launch or more per chunk).
   """
   c = log_decay.shape[1]
-  tri = np.tril(np.ones((c, c), np.float32))  # [c, c']: c' <= c
-  cum = jnp.einsum("ce,ber->bcr", tri, log_decay, precision=jax.lax.Precision.HIGHEST)
-  seg = cum[:, :, None, :] - cum[:, None, :, :]  # (B, c, c', R)
-  w = jnp.exp(jnp.where(tri[None, :, :, None] > 0, seg, -jnp.inf))
+  _, w = _segment_decays(np.tril(np.ones((c, c), bool)), log_decay)  # (B, c, c', R)
   return jnp.einsum("bcer,berdn->bcrdn", w, h, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -129,15 +141,11 @@ def selective_scan_chunked(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
     c_out = zk[..., r_heads + n_state:]  # (B, line, pos, N)
     da = dt * a_head[k]  # (B, line, pos, R)
     before = order[k][:, None, :] <= order[k][:, :, None]  # [line, i, j]: j visited <= i
-    # inclusive cumsum along the path as a 0/1 matmul; HIGHEST keeps it a float32 sum on backends
-    # whose default matmul precision is lower
-    cum = jnp.einsum("lij,bljr->blir", before.astype(np.float32), da,
-                     precision=jax.lax.Precision.HIGHEST)
+    # cum along the path (B, line, pos, R); in-chunk matrix M[i, j] = (C_i . B_j)
+    # exp(cum_i - cum_j) dt_j for j <= i: decay is its (B, line, i, j, R) exp factor
+    cum, decay = _segment_decays(before, da)
     total = da.sum(axis=2)  # (B, line, R)
 
-    # in-chunk matrix: M[i, j] = (C_i . B_j) exp(cum_i - cum_j) dt_j, j <= i
-    seg = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # (B, line, i, j, R)
-    decay = jnp.exp(jnp.where(before[None, :, :, :, None], seg, -jnp.inf))
     cb = jnp.einsum("blin,bljn->blij", c_out, b_in)  # (B, line, i, j)
     m = jnp.transpose(decay * cb[..., None] * dt[:, :, None, :, :], (0, 1, 4, 2, 3))
     mats[o] = m if mats[o] is None else mats[o] + m  # (B, line, R, i, j)

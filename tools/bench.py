@@ -64,8 +64,9 @@ def build(dataset: str, scan_impl: str = "auto") -> types.SimpleNamespace:
   """The real jitted steps at a dataset's shapes, on random inputs (also used by profile_step).
 
   Returns a namespace: spec, cfg, cubes (padded random scene per modality), z (class text
-  features), idx / labels (one train batch), teacher / student (nnx models), t_graph, t_state,
-  t_step, s_graph, s_state, s_step, predict, scene (H, W) and rng.
+  features), idx / labels (one train batch), t_graph / t_state / t_step (teacher graphdef, train
+  state, jitted step), s_graph / s_state / s_step (the same for the student), predict (the
+  student's jitted predict step), scene (H, W) and rng.
   """
   import jax
   import jax.numpy as jnp
