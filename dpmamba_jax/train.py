@@ -81,6 +81,59 @@ def setup_cpu_flags() -> None:
   release_memory_after_compiles()
 
 
+# glibc serves every allocation over 32 MB with a fresh mmap and unmaps it when it is freed, so
+# XLA:CPU's temporary buffer of each call (~340 MB for a Trento predict batch of 512) is faulted
+# in again, 4 KB at a time, on every call: ~90,000 page faults and ~0.2 s of kernel time per
+# call. With this tunable glibc asks for transparent huge pages on those mappings (512x fewer
+# faults): the Trento steps and inference ~15-25 % faster on 2 cores, peak RSS unchanged
+# (README "CPU speed"). glibc reads $GLIBC_TUNABLES only when a process starts.
+HUGEPAGE_MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def hugepage_malloc_env(environ: dict | None = None) -> dict | None:
+  """`environ` (default os.environ) plus HUGEPAGE_MALLOC_TUNABLE in $GLIBC_TUNABLES.
+
+  None where it does not apply: not glibc >= 2.35 (the tunable's first release), transparent
+  huge pages set to "never", an accelerator plugin installed (host memory is not the step's
+  memory there), the tunable already set, or $DPMAMBA_HUGEPAGE_MALLOC=0.
+  """
+  import platform
+  env = dict(os.environ if environ is None else environ)
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if env.get("DPMAMBA_HUGEPAGE_MALLOC", "1") == "0" or "glibc.malloc.hugetlb" in tunables:
+    return None
+  libc, version = platform.libc_ver()
+  try:
+    if libc != "glibc" or tuple(int(v) for v in version.split(".")[:2]) < (2, 35):
+      return None
+    with open(_THP_ENABLED) as f:
+      if "[never]" in f.read():
+        return None
+  except (OSError, ValueError):
+    return None
+  if accelerator_plugin():
+    return None
+  env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGEPAGE_MALLOC_TUNABLE) if t)
+  return env
+
+
+def reexec_with_hugepage_malloc() -> None:
+  """For a CLI's `__main__`, before any work: restart the same command line once with
+  `hugepage_malloc_env()` (same process id; the restarted process finds the tunable set and
+  goes on). Does nothing where that env does not apply or the command cannot be replayed."""
+  env = hugepage_malloc_env()
+  argv = list(getattr(sys, "orig_argv", []))
+  if env is None or len(argv) < 2 or argv[1] == "-":
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
+    os.execve(sys.executable, [sys.executable] + argv[1:], env)
+  except OSError:
+    return
+
+
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # libc.malloc_trim once the listener is installed (looked up per event, so tests can swap it)
 _malloc_trim = None
@@ -590,4 +643,5 @@ def _log_for(cfg, quiet: bool) -> RunLog:
 
 
 if __name__ == "__main__":
+  reexec_with_hugepage_malloc()
   raise SystemExit(main())

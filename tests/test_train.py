@@ -165,6 +165,57 @@ def test_malloc_trim_runs_after_each_compile(monkeypatch):
   assert calls == [0, 0]
 
 
+def test_hugepage_malloc_env_rules():
+  if train.hugepage_malloc_env({}) is None:
+    pytest.skip("not glibc >= 2.35 with transparent huge pages here")
+  assert train.hugepage_malloc_env({})["GLIBC_TUNABLES"] == train.HUGEPAGE_MALLOC_TUNABLE
+  mine = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "OTHER": "x"}
+  env = train.hugepage_malloc_env(mine)
+  assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + train.HUGEPAGE_MALLOC_TUNABLE,
+                 "OTHER": "x"}
+  assert mine["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"  # the input is not changed
+  assert train.hugepage_malloc_env(env) is None  # set already: nothing to do
+  assert train.hugepage_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  assert train.hugepage_malloc_env({"DPMAMBA_HUGEPAGE_MALLOC": "0"}) is None
+
+
+# After the restart: 5 x (malloc 64 MB, touch every byte, free); prints pid, tunables, faults.
+_FAULTS_SCRIPT = """
+import ctypes, os, resource
+from dpmamba_jax import train
+pid = os.getpid()
+train.reexec_with_hugepage_malloc()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  p = libc.malloc(64 << 20)
+  ctypes.memset(p, 1, 64 << 20)
+  libc.free(ctypes.c_void_p(p))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+print(pid, os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), faults, sep="|")
+"""
+
+
+def test_reexec_with_hugepage_malloc_cuts_page_faults():
+  """The CLIs restart once with the tunable (same pid), and large mallocs then fault far less."""
+  if train.hugepage_malloc_env({}) is None:
+    pytest.skip("not glibc >= 2.35 with transparent huge pages here")
+  runs = {}
+  for setting in ("1", "0"):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", DPMAMBA_HUGEPAGE_MALLOC=setting)
+    env.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    pid0, pid1, tunables, faults = out.stdout.strip().split("|")
+    assert pid0 == pid1  # restarted in place (or not at all)
+    runs[setting] = (tunables, int(faults))
+  assert runs["1"][0] == train.HUGEPAGE_MALLOC_TUNABLE and runs["0"][0] == ""
+  # 4 KB pages: >= 5 * 16,384 faults; 2 MB pages: a few hundred
+  assert runs["0"][1] >= 5 * 16384
+  assert runs["1"][1] < 5 * 16384 // 4
+
+
 def test_cpu_xla_flags_only_without_an_accelerator_plugin(monkeypatch, tmp_path):
   """The XLA:CPU flag goes into $XLA_FLAGS on CPU only: an XLA:GPU build that no longer knows
   a CPU flag refuses to start."""

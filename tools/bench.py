@@ -27,6 +27,10 @@ XLA flags: the subprocesses get `--xla-flags` appended to $XLA_FLAGS (default "a
 train.CPU_XLA_FLAGS on a CPU backend, nothing where a GPU plugin is installed; XLA:CPU's YNNPACK
 reduce fusions are several times slower than XLA's own reductions here, the teacher step drops
 from about 1.9 s to 1.3 s at Trento). `--xla-flags ""` measures XLA's default.
+
+Host memory: the subprocesses get train.hugepage_malloc_env (glibc's malloc asks for transparent
+huge pages on its large mappings, as the CLIs run; the row's `glibc_tunables` says whether it
+applied). `DPMAMBA_HUGEPAGE_MALLOC=0 python tools/bench.py ...` measures glibc's default.
 """
 from __future__ import annotations
 
@@ -192,6 +196,7 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   if args.xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  env = train.hugepage_malloc_env(env) or env  # as the CLIs run (train.reexec_with_hugepage_malloc)
   if args.compile_cache:
     cmd += ["--compile-cache", os.path.abspath(args.compile_cache)]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -200,6 +205,7 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
     return dict(dataset=dataset, scan_impl=impl, error=f"exit {out.returncode}: {tail}")
   row = json.loads(out.stdout.strip().splitlines()[-1])
   row["xla_flags"] = env.get("XLA_FLAGS", "")
+  row["glibc_tunables"] = env.get("GLIBC_TUNABLES", "")
   return row
 
 

@@ -207,4 +207,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from dpmamba_jax import train as _train
+  _train.reexec_with_hugepage_malloc()
   raise SystemExit(main())
