@@ -570,6 +570,34 @@ def gather_patches(padded, flat_idx, width: int, patch_size: int):
   return np.asarray(padded)[rows, cols]  # (N, P, P, C)
 
 
+def gather_patch_rings(padded_plus1: jax.Array, flat_idx: jax.Array, width: int,
+                       patch_size: int):
+  """The pixels just outside each `gather_patches` patch, inside jax.jit.
+
+  Args:
+    padded_plus1: a pad_cubes cube with one more zero pixel on each side,
+      (H + 2*(P//2) + 2, W + 2*(P//2) + 2, C).
+    flat_idx: (N,) flat raster indices into the unpadded scene (as `gather_patches`).
+    width, patch_size: W of the unpadded scene, P.
+
+  Returns:
+    (top, bottom, left, right): the rows above and below the patch, (N, P + 2, C) (columns
+    -1 .. P of the patch), and the columns left and right of it, (N, P, C) (rows 0 .. P-1).
+  """
+  cube, idx, p = jnp.asarray(padded_plus1), jnp.asarray(flat_idx), patch_size
+  c = cube.shape[2]
+
+  def ring(k):
+    r, col = k // width, k % width  # the patch's top-left in padded_plus1 is (r + 1, col + 1)
+    top = jax.lax.dynamic_slice(cube, (r, col, 0), (1, p + 2, c))[0]
+    bottom = jax.lax.dynamic_slice(cube, (r + p + 1, col, 0), (1, p + 2, c))[0]
+    left = jax.lax.dynamic_slice(cube, (r + 1, col, 0), (p, 1, c))[:, 0]
+    right = jax.lax.dynamic_slice(cube, (r + 1, col + p + 1, 0), (p, 1, c))[:, 0]
+    return top, bottom, left, right
+
+  return jax.vmap(ring)(idx)
+
+
 # --------------------------------------------------------------------------------------------------
 # Class-balanced sampler
 

@@ -82,7 +82,8 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   memory): only the (batch,) indices go to the device per batch, and only the (batch,)
   predictions come back. `mask_row` (M,) or None (complete). A `predict_fn` with a `.mesh`
   (steps.make_predict_step(..., mesh=...)) runs each batch sharded over the mesh's devices; the
-  model and the cubes are replicated on it once per call.
+  model and the cubes are replicated on it once per call. A `predict_fn.prepare` (the
+  make_predict_step one) turns the cubes into its faster scene input once per call.
   """
   import jax
   import jax.numpy as jnp
@@ -101,6 +102,9 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
     params, rest, cubes, z = steps.replicate((params, rest, cubes, z), mesh)
     mask = steps.shard_batch(np.broadcast_to(row, (batch, num_modalities)), mesh)
     to_device = np.asarray  # the sharded fn puts each device's slice straight from the host
+  prepare = getattr(predict_fn, "prepare", None)
+  if prepare is not None:  # steps.make_predict_step: wide modalities' conv once over the scene
+    cubes = prepare(params, rest, cubes)
   n_batches = -(-n // batch)
   out = np.empty((n_batches * batch,), np.int32)
   padded = np.full((n_batches * batch,), flat_idx[0], np.int32)

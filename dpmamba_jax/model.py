@@ -184,6 +184,46 @@ class Conv3x3(nnx.Module):
                                      feature_group_count=groups)
     return y + self.bias[...]
 
+  def conv_valid(self, x_padded: jax.Array) -> jax.Array:
+    """This conv of an input padded already: (B, H + 2, W + 2, cin) -> (B, H, W, cout). For a
+    whole scene, where a padded copy made inside the conv would cost another cube of memory."""
+    y = jax.lax.conv_general_dilated(x_padded, self.kernel[...], (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=self.groups)
+    return y + self.bias[...]
+
+  def patch_conv_from_scene(self, scene_patches: jax.Array, ring) -> jax.Array:
+    """This conv of zero-padded (B, P, P, cin) patches, from patches of the conv over the scene.
+
+    Inside a patch the scene's conv and the patch's conv agree; on the patch's border the
+    scene's conv also saw the pixels just outside the patch, where the patch has zero padding:
+    their terms are subtracted. Dense convs (groups 1) only.
+
+    Args:
+      scene_patches: (B, P, P, cout) patches of this conv (bias included) over the whole cube.
+      ring: the pixels around each patch, from `data.gather_patch_rings`: rows above and below
+        (B, P + 2, cin) (columns -1 .. P) and columns left and right (B, P, cin) (rows 0 .. P-1).
+
+    Returns:
+      (B, P, P, cout), equal to ``self(patches)`` up to float rounding.
+    """
+    if self.groups != 1:
+      raise ValueError("patch_conv_from_scene: dense convs only (groups=1)")
+    kernel = self.kernel[...]  # (3, 3, cin, cout): (dy, dx)
+    top, bottom, left, right = ring
+    p = left.shape[1]
+    zero = jnp.zeros_like(left[:, :1])
+    left, right = (jnp.concatenate([zero, c, zero], axis=1) for c in (left, right))
+    # each side is a 1-D conv along the border: kernel row dy=0 over the row above, dy=2 over the
+    # row below, column dx=0 over the column left, dx=2 over the column right
+    strips = jnp.stack([top, bottom, left, right])  # (4, B, P + 2, cin)
+    windows = jnp.concatenate([strips[:, :, i:i + p] for i in range(3)], axis=-1)  # (4,B,P,3cin)
+    side_kernels = jnp.stack([kernel[0], kernel[2], kernel[:, 0], kernel[:, 2]])  # (4,3,cin,cout)
+    outside = jnp.einsum("sbpk,skc->sbpc", windows,
+                         side_kernels.reshape(4, -1, kernel.shape[-1]))  # (4, B, P, cout)
+    y = scene_patches.at[:, 0].add(-outside[0]).at[:, p - 1].add(-outside[1])
+    return y.at[:, :, 0].add(-outside[2]).at[:, :, p - 1].add(-outside[3])
+
 
 _SPATIAL_AXES = {"NHWC": (1, 2), "HWNC": (0, 1)}
 
@@ -459,8 +499,11 @@ class PatchEmbed(nnx.Module):
     self.bn = MaskedBatchNorm(hidden)
     self.norm = _layer_norm(hidden, rngs)
 
-  def __call__(self, x, sample_mask=None, *, train=False, details=None):
-    y = jax.nn.relu(self.bn(self.conv(x), sample_mask, train=train))
+  def __call__(self, x, sample_mask=None, *, train=False, details=None, conv_out=None):
+    """x: (B, P, P, bands) -> (B, P, P, hidden). conv_out: this conv's output, when computed
+    already (`Conv3x3.patch_conv_from_scene`); x is not used then."""
+    y = jax.nn.relu(self.bn(self.conv(x) if conv_out is None else conv_out, sample_mask,
+                            train=train))
     if details is not None:
       details["embed_bn_relu"] = y
     return self.norm(y)
@@ -555,15 +598,19 @@ class DPMamba(nnx.Module):
           nnx.Param(jax.random.normal(rngs.params(), (p, p, h), jnp.float32))
           for _ in range(m_count)])
 
-  def _check_inputs(self, xs, mask):
+  def _check_inputs(self, xs, mask, embed_conv):
     cfg = self.cfg
-    if len(xs) != cfg.num_modalities:
-      raise UserError(f"model input: got {len(xs)} modalities, expected {cfg.num_modalities}")
-    b = xs[0].shape[0]
-    for m, x in enumerate(xs):
-      want = (b, cfg.patch_size, cfg.patch_size, cfg.bands[m])
+    embed_conv = [None] * len(xs) if embed_conv is None else list(embed_conv)
+    if len(xs) != cfg.num_modalities or len(embed_conv) != cfg.num_modalities:
+      raise UserError(f"model input: got {len(xs)} modalities ({len(embed_conv)} embed_conv), "
+                      f"expected {cfg.num_modalities}")
+    given = [(m, x, cfg.bands[m], "input") if c is None else (m, c, cfg.hidden, "embed_conv")
+             for m, (x, c) in enumerate(zip(xs, embed_conv))]
+    b = given[0][1].shape[0]
+    for m, x, channels, what in given:
+      want = (b, cfg.patch_size, cfg.patch_size, channels)
       if tuple(x.shape) != want:
-        raise UserError(f"model input modality {m}: shape {tuple(x.shape)}, expected {want} "
+        raise UserError(f"model {what} modality {m}: shape {tuple(x.shape)}, expected {want} "
                         "(B, P, P, C) channels-last")
     if mask is not None and tuple(jnp.shape(mask)) != (b, cfg.num_modalities):
       raise UserError(f"model mask: shape {tuple(jnp.shape(mask))}, expected "
@@ -571,7 +618,8 @@ class DPMamba(nnx.Module):
 
   def __call__(self, xs: Sequence[jax.Array], mask: jax.Array | None = None, *,
                train: bool = False, dropout_key: jax.Array | None = None,
-               details: dict | None = None) -> jax.Array:
+               details: dict | None = None,
+               embed_conv: Sequence[jax.Array | None] | None = None) -> jax.Array:
     """Visual features V.
 
     Args:
@@ -580,12 +628,16 @@ class DPMamba(nnx.Module):
       train: batch-statistics BatchNorm (updates running stats) and AF dropout.
       dropout_key: PRNG key for AF dropout; required when train and cfg.af_dropout > 0.
       details: optional dict filled with intermediates (for tests / inspection).
+      embed_conv: optional M entries, None or modality m's embedding-conv output (B, P, P, h)
+        computed already (scene inference, `Conv3x3.patch_conv_from_scene`); xs[m] is then
+        not used and may be None.
 
     Returns:
       (B, out_dim) float32, not normalised.
     """
     cfg = self.cfg
-    self._check_inputs(xs, mask)
+    self._check_inputs(xs, mask, embed_conv)
+    embed_conv = [None] * cfg.num_modalities if embed_conv is None else embed_conv
     if train and cfg.af_dropout > 0 and cfg.depth > 0 and dropout_key is None:
       raise ValueError("DPMamba(train=True) needs dropout_key when af_dropout > 0")
     det = details if details is not None else {}
@@ -594,7 +646,7 @@ class DPMamba(nnx.Module):
     for m in range(cfg.num_modalities):
       d_m = {}
       f = self.embed[m](xs[m], None if present is None else present[:, m], train=train,
-                        details=d_m)
+                        details=d_m, conv_out=embed_conv[m])
       det[f"embed_bn_relu/m{m}"] = d_m["embed_bn_relu"]
       det[f"embed/m{m}"] = f
       if present is not None:

@@ -236,38 +236,90 @@ def make_student_step(graphdef, teacher_graphdef, tx: optax.GradientTransformati
                  out_shardings=(rep, rep))
 
 
+# Backends where the predict step runs the embedding conv of a wide modality once over the whole
+# scene (`prepare`) and each batch gathers its patches of that conv, corrected on the patch border
+# (`Conv3x3.patch_conv_from_scene`): on a 2-core CPU the Trento HSI conv is ~1/6 of an inference
+# pass, and the whole scene's conv costs about one batch's. On a GPU that conv is one matmul.
+SCENE_CONV_BACKENDS = ("cpu",)
+# ... for modalities with at least this many bands (a 1-band LiDAR patch conv costs less than
+# gathering its (P, P, hidden) output).
+SCENE_CONV_MIN_BANDS = 8
+# Rows of the scene per conv call (bounds the conv's temporary memory on large scenes).
+SCENE_CONV_TILE_ROWS = 32
+
+
+def _scene_conv_applies(bands: int) -> bool:
+  return jax.default_backend() in SCENE_CONV_BACKENDS and bands >= SCENE_CONV_MIN_BANDS
+
+
 def make_predict_step(graphdef, *, width: int, patch_size: int,
                       mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Jitted eval-mode inference on a fixed-size batch.
 
-  predict(params, rest, cubes, z, idx, mask) -> (b,) int32 class ids
-    idx: (b,) flat pixel indices; mask: (b, M) float32 (all ones = complete). Missing
-    modalities get zero-filled raw input (no effect in eval mode; the model puts the prompt,
-    or zeros for the teacher, in their feature slot). The mask is an input, not a static, so
-    there is one compile per batch shape for all scenarios.
+  predict(params, rest, scene, z, idx, mask) -> (b,) int32 class ids
+    scene: the per-modality padded cubes, or (faster, for many batches of one model)
+    ``predict.prepare(params, rest, cubes)``, where a wide modality's embedding conv has run
+    once over the whole cube (SCENE_CONV_BACKENDS, SCENE_CONV_MIN_BANDS); both give the same
+    predictions up to float rounding. idx: (b,) flat pixel indices; mask: (b, M) float32
+    (all ones = complete). Missing modalities get zero-filled raw input (no effect in eval
+    mode; the model puts the prompt, or zeros for the teacher, in their feature slot). The mask
+    is an input, not a static, so there is one compile per batch shape for all scenarios.
   With `mesh`, the returned function (attribute `.mesh`) shards idx and mask over the "data"
   axis itself (b must be a multiple of the mesh size); params, rest, cubes and z should be
   placed once with `replicate`. The predictions come back replicated (readable on every host).
   """
-  from dpmamba_jax import losses
+  from dpmamba_jax import data, losses
 
-  def predict(params, rest, cubes, z, idx, mask):
-    xs = gather_batch(cubes, idx, width, patch_size)
-    xs = [x * mask[:, m, None, None, None].astype(x.dtype) for m, x in enumerate(xs)]
+  def scene_conv(params, rest, cube, m):
+    conv = nnx.merge(graphdef, params, rest).embed[m].conv
+    # one zero pixel around the cube: the conv's padding, and the outer pixel of the rings
+    padded = jnp.pad(cube, ((1, 1), (1, 1), (0, 0)))
+    rows, tile = cube.shape[0], min(SCENE_CONV_TILE_ROWS, cube.shape[0])
+
+    def conv_tile(t, out):  # row tiles into the output in place: no scene-sized temporaries
+      start = jnp.minimum(t * tile, rows - tile)  # the last tile overlaps the one before
+      x = jax.lax.dynamic_slice_in_dim(padded, start, tile + 2, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(out, conv.conv_valid(x[None])[0], start, 0)
+
+    out = jnp.zeros(cube.shape[:2] + (conv.kernel.shape[-1],), cube.dtype)  # (H', W', hidden)
+    return {"conv": jax.lax.fori_loop(0, -(-rows // tile), conv_tile, out), "ring": padded}
+
+  def prepare(params, rest, cubes):
+    return [jitted_scene_conv(params, rest, cube, m) if _scene_conv_applies(cube.shape[-1])
+            else cube for m, cube in enumerate(cubes)]
+
+  def predict(params, rest, scene, z, idx, mask):
     model = nnx.merge(graphdef, params, rest)
-    v = model(xs, mask, train=False)
+    xs, convs = [], []
+    for m, entry in enumerate(scene):
+      if isinstance(entry, dict):
+        ring = data.gather_patch_rings(entry["ring"], idx, width, patch_size)
+        conv_patches = data.gather_patches(entry["conv"], idx, width, patch_size)
+        xs.append(None)
+        convs.append(model.embed[m].conv.patch_conv_from_scene(conv_patches, ring))
+      else:
+        x = data.gather_patches(entry, idx, width, patch_size)
+        xs.append(x * mask[:, m, None, None, None].astype(x.dtype))
+        convs.append(None)
+    v = model(xs, mask, train=False, embed_conv=convs)
     return losses.predict(v, z)
 
   if mesh is None:
-    return jax.jit(predict)
+    jitted_scene_conv = jax.jit(scene_conv, static_argnums=3)
+    jitted = jax.jit(predict)
+    jitted.prepare = prepare
+    return jitted
   rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
+  jitted_scene_conv = jax.jit(scene_conv, static_argnums=3, in_shardings=(rep, rep, rep),
+                              out_shardings=rep)
   jitted = jax.jit(predict, in_shardings=(rep, rep, rep, rep, dat, dat), out_shardings=rep)
 
-  def sharded_predict(params, rest, cubes, z, idx, mask):
-    return jitted(params, rest, cubes, z, shard_batch(idx, mesh), shard_batch(mask, mesh))
+  def sharded_predict(params, rest, scene, z, idx, mask):
+    return jitted(params, rest, scene, z, shard_batch(idx, mesh), shard_batch(mask, mesh))
 
   sharded_predict.mesh = mesh
   sharded_predict.jitted = jitted
+  sharded_predict.prepare = prepare
   return sharded_predict
 
 

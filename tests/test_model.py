@@ -323,6 +323,30 @@ def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch
   np.testing.assert_allclose(g_mine["kernel"][...], g_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("p", [1, 4, 5])
+def test_patch_conv_from_scene_equals_patch_conv(p):
+  """Patches of the conv over a whole padded cube, corrected on the border with the ring of
+  pixels around each patch, equal the conv of the zero-padded patches (scene-edge pixels too)."""
+  from dpmamba_jax import data
+  from dpmamba_jax import model as model_lib
+  rng = np.random.default_rng(0)
+  h, w, cin = 6, 7, 5
+  cube = jnp.asarray(data.pad_cubes([rng.normal(size=(h, w, cin)).astype(np.float32)], p)[0])
+  conv = model_lib.Conv3x3(cin, 8, 1, rngs=nnx.Rngs(3))
+  idx = jnp.arange(h * w, dtype=jnp.int32)  # every pixel: corners and edges included
+  with jax.default_matmul_precision("highest"):
+    want = conv(data.gather_patches(cube, idx, w, p))
+    scene_conv = conv(cube[None])[0]
+    ring = data.gather_patch_rings(jnp.pad(cube, ((1, 1), (1, 1), (0, 0))), idx, w, p)
+    got = conv.patch_conv_from_scene(data.gather_patches(scene_conv, idx, w, p), ring)
+  chex.assert_shape(got, (h * w, p, p, 8))
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # the ring matters: without it the border differs
+  assert np.abs(np.asarray(data.gather_patches(scene_conv, idx, w, p) - want)).max() > 1e-2
+  with pytest.raises(ValueError, match="dense"):
+    model_lib.Conv3x3(4, 4, 2, rngs=nnx.Rngs(0)).patch_conv_from_scene(got, ring)
+
+
 @pytest.mark.parametrize("bands,prompts", [((5,), True), ((4, 2, 1), False)])
 def test_other_modality_counts(bands, prompts):
   """M = 1 (no cross branch) and M = 3; the teacher puts zeros in masked slots."""

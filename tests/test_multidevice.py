@@ -103,16 +103,22 @@ def _worker() -> dict:
   close(jax.device_get(u1), jax.device_get(u2))
   student_devices = len(n2["loss"].sharding.device_set)
 
-  # Inference over the whole scene, batch 8 (last batch padded), two scenarios.
+  # Inference over the whole scene, batch 8 (last batch padded), two scenarios; the 6-band
+  # modality through the scene conv (predict.prepare), and also from its plain cube.
+  steps.SCENE_CONV_MIN_BANDS = 6
   trained = nnx.merge(sgraph, u1.params, u1.batch_stats)
   g, pp, pr = steps.split_model(trained)
   pred1 = steps.make_predict_step(g, width=w, patch_size=p)
   predn = steps.make_predict_step(g, width=w, patch_size=p, mesh=mesh)
+  assert isinstance(predn.prepare(rep(pp), rep(pr), rep(cubes))[0], dict)
   all_idx = np.arange(h * w, dtype=np.int32)
   for row in (None, np.array([0.0, 1.0], np.float32)):
     a = evaluate.predict_pixels(pred1, pp, pr, cubes, z, all_idx, row, 2, batch=b)
     a2 = evaluate.predict_pixels(predn, pp, pr, cubes, z, all_idx, row, 2, batch=b)
+    plain = evaluate.predict_pixels(lambda *args: pred1(*args), pp, pr, cubes, z, all_idx, row,
+                                    2, batch=b)  # no .prepare: the cubes as they are
     np.testing.assert_array_equal(a, a2)
+    np.testing.assert_array_equal(a, plain)
   hlo = predn.jitted.lower(rep(pp), rep(pr), rep(cubes), rep(z), shard(all_idx[:b]),
                            shard(np.ones((b, 2), np.float32))).compile().as_text()
   collectives = any(op in hlo for op in ("all-gather", "all-reduce", "collective-permute",

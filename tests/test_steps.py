@@ -154,6 +154,32 @@ def test_predict_step_masks_are_an_input(setup):
   np.testing.assert_array_equal(outs[0], want)
 
 
+def test_predict_scene_input_equals_cubes(monkeypatch):
+  """predict.prepare's scene input (the wide modality's embedding conv run once over the cube)
+  gives the predictions of the plain cubes, complete and with either modality missing."""
+  monkeypatch.setattr(steps, "SCENE_CONV_MIN_BANDS", 6)  # modality 0 (6 bands) only
+  rng = np.random.default_rng(4)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(H, W, b)).astype(np.float32) for b in (6, 2)], P)]
+  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
+  cfg = model_lib.ModelConfig.tiny(bands=(6, 2), patch_size=P, hidden=8, out_dim=8,
+                                   prompts=True)
+  graphdef, params, rest = steps.split_model(model_lib.DPMamba(cfg, rngs=nnx.Rngs(5)))
+  pred = steps.make_predict_step(graphdef, width=W, patch_size=P)
+  scene = pred.prepare(params, rest, cubes)
+  assert isinstance(scene[0], dict) and set(scene[0]) == {"conv", "ring"}
+  chex.assert_shape(scene[0]["conv"], cubes[0].shape[:2] + (8,))
+  assert scene[1] is cubes[1]  # 2 bands: patches as before
+  idx = jnp.arange(H * W, dtype=jnp.int32)
+  for row in ([1, 1], [0, 1], [1, 0]):
+    mask = jnp.asarray(np.tile(np.array(row, np.float32), (H * W, 1)))
+    np.testing.assert_array_equal(pred(params, rest, scene, z, idx, mask),
+                                  pred(params, rest, cubes, z, idx, mask))
+  monkeypatch.setattr(steps, "SCENE_CONV_BACKENDS", ())  # e.g. a GPU: the cubes as they are
+  plain = steps.make_predict_step(graphdef, width=W, patch_size=P).prepare(params, rest, cubes)
+  assert not any(isinstance(entry, dict) for entry in plain)
+
+
 def test_student_step_three_modalities():
   rng = np.random.default_rng(1)
   cubes = [jnp.asarray(c) for c in data.pad_cubes(
