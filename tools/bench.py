@@ -20,7 +20,8 @@ gather from the on-device scene, model, loss, grad, AdamW). Measured per configu
                   infer_patches_per_s_by_batch), from the scene input that evaluation and the
                   maps use (predict.prepare: on CPU the HSI embedding conv runs once over the
                   whole scene, infer_scene_conv_modalities; its time, once per model and
-                  scene: infer_prepare_s)
+                  scene: infer_prepare_s); the median of max(8, --steps) calls, and
+                  infer_page_faults_per_call (minor faults: see "Host memory" below)
   peak_rss_mb     resource.getrusage peak of the subprocess (peak_rss_train_mb: the peak
                   before the inference program is compiled, i.e. of the two train steps)
 
@@ -177,8 +178,11 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
       jax.block_until_ready(predict(s_params, s_rest, scene, z, idx_i, mask))
 
     infer_once()
-    infer_s, infer_min = _times(infer_once, max(3, steps_n))
-    by_batch[b] = (b / infer_s, b / infer_min)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    n_infer = max(8, steps_n)  # a call is short: more of them for a steadier median
+    infer_s, infer_min = _times(infer_once, n_infer)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / n_infer
+    by_batch[b] = (b / infer_s, b / infer_min, faults)
   return dict(dataset=spec.name, scan_impl=scan_impl,
               resolved_impl=scan.resolve_impl(scan_impl, scan.zigzag_paths(p)),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
@@ -191,6 +195,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
               infer_patches_per_s=by_batch[batches[0]][0],
               infer_patches_per_s_by_batch={str(b): v[0] for b, v in by_batch.items()},
               infer_prepare_s=prepare_s, infer_prepare_first_s=prepare_first,
+              infer_page_faults_per_call=by_batch[batches[0]][2],
               infer_scene_conv_modalities=[m for m, e in enumerate(scene) if isinstance(e, dict)],
               first_step_s=first,
               compile_s=max(first - teacher_s, 0.0),

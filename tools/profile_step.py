@@ -139,10 +139,11 @@ def run(dataset: str, step: str, batch: int, n_steps: int, dump_dir: str) -> dic
   else:
     idx = jnp.asarray(env.rng.integers(0, h * w, batch).astype(np.int32))
     mask = jnp.ones((batch, env.cfg.num_modalities), jnp.float32)
+    params, rest = env.s_state.params, env.s_state.batch_stats
+    scene = env.predict.prepare(params, rest, env.cubes)  # as evaluation runs it
 
     def once():
-      jax.block_until_ready(env.predict(env.s_state.params, env.s_state.batch_stats, env.cubes,
-                                        env.z, idx, mask))
+      jax.block_until_ready(env.predict(params, rest, scene, env.z, idx, mask))
   once()
   once()
   with tempfile.TemporaryDirectory(prefix="profile_step_trace_") as trace_dir:
