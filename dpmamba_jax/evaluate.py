@@ -82,8 +82,8 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   memory): only the (batch,) indices go to the device per batch, and only the (batch,)
   predictions come back. `mask_row` (M,) or None (complete). A `predict_fn` with a `.mesh`
   (steps.make_predict_step(..., mesh=...)) runs each batch sharded over the mesh's devices; the
-  model and the cubes are replicated on it once per call. A `predict_fn.prepare` (the
-  make_predict_step one) turns the cubes into its faster scene input once per call.
+  model and the cubes are replicated on it once per call. The cubes become `prepare_scene`'s
+  input once per call (nothing to do when they are that input already).
   """
   import jax
   import jax.numpy as jnp
@@ -97,14 +97,12 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   mask = jnp.asarray(np.broadcast_to(row, (batch, num_modalities)))
   mesh = getattr(predict_fn, "mesh", None)
   to_device = jnp.asarray
+  cubes = prepare_scene(predict_fn, params, rest, cubes)
   if mesh is not None:
     from dpmamba_jax import steps
-    params, rest, cubes, z = steps.replicate((params, rest, cubes, z), mesh)
+    params, rest, z = steps.replicate((params, rest, z), mesh)
     mask = steps.shard_batch(np.broadcast_to(row, (batch, num_modalities)), mesh)
     to_device = np.asarray  # the sharded fn puts each device's slice straight from the host
-  prepare = getattr(predict_fn, "prepare", None)
-  if prepare is not None:  # steps.make_predict_step: wide modalities' conv once over the scene
-    cubes = prepare(params, rest, cubes)
   n_batches = -(-n // batch)
   out = np.empty((n_batches * batch,), np.int32)
   padded = np.full((n_batches * batch,), flat_idx[0], np.int32)
@@ -124,6 +122,18 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   bar.update(1)
   bar.close()
   return out[:n]
+
+
+def prepare_scene(predict_fn: Callable, params, rest, cubes):
+  """The scene input `predict_fn` runs from: its `.prepare` (steps.make_predict_step: a wide
+  modality's embedding conv once over the scene) on its mesh's devices, else the cubes. Call it
+  once per model for several `predict_pixels` calls; a prepared scene passes through."""
+  mesh = getattr(predict_fn, "mesh", None)
+  if mesh is not None:
+    from dpmamba_jax import steps
+    params, rest, cubes = steps.replicate((params, rest, cubes), mesh)
+  prepare = getattr(predict_fn, "prepare", None)
+  return cubes if prepare is None else prepare(params, rest, cubes)
 
 
 def predictor(model, rd, batch: int | None = None) -> tuple[Callable, Any, Any]:
@@ -194,9 +204,10 @@ def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
   predict_fn, params, rest = predictor(model, rd, batch)
   test_idx = test_pixels(rd)
   y_true = data.labels_at(rd.labels, test_idx)
+  scene = prepare_scene(predict_fn, params, rest, rd.cubes)  # once for all scenarios
   out = {}
   for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):
-    pred = predict_pixels(predict_fn, params, rest, rd.cubes, rd.z, test_idx, row,
+    pred = predict_pixels(predict_fn, params, rest, scene, rd.z, test_idx, row,
                           rd.spec.num_modalities, batch, desc=f"eval {which} {name}")
     out[name] = scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
   return out

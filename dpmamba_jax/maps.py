@@ -106,9 +106,10 @@ def predict_scene(predict_fn, params, rest, cubes, z, height: int, width: int,
                   desc: str | None = None) -> np.ndarray:
   """(H, W) 0-based predictions for every pixel, streamed in fixed-size batches.
 
-  `cubes` are the padded per-modality scene cubes, already on the device; each batch's (batch,)
-  flat indices are sent and its patches gathered inside the jitted `predict_fn`, so memory is
-  bounded by one batch of patches whatever H * W. A sharded `predict_fn` (with `.mesh`) splits
+  `cubes` are the padded per-modality scene cubes, already on the device (or
+  `evaluate.prepare_scene` of them); each batch's (batch,) flat indices are sent and its patches
+  gathered inside the jitted `predict_fn`, so memory is bounded by one batch of patches
+  whatever H * W. A sharded `predict_fn` (with `.mesh`) splits
   every batch over the devices (`batch` a multiple of their count).
   """
   from dpmamba_jax import evaluate
@@ -129,9 +130,10 @@ def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "s
   spec = rd.spec
   predict_fn, params, rest = evaluate.predictor(model, rd, batch)
   palette = tuple(spec.palette) if getattr(spec, "palette", None) else None
+  scene = evaluate.prepare_scene(predict_fn, params, rest, rd.cubes)  # once for all scenarios
   written = []
   for name, row in masks_lib.eval_scenarios(spec.modalities):
-    pred = predict_scene(predict_fn, params, rest, rd.cubes, rd.z, rd.height, rd.width, row,
+    pred = predict_scene(predict_fn, params, rest, scene, rd.z, rd.height, rd.width, row,
                          spec.num_modalities, batch, desc=f"map {which} {name}")
     full, labelled = to_maps(pred, rd.labels)
     stem = f"{which}_{masks_lib.scenario_file_stem(name)}"

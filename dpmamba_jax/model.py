@@ -358,13 +358,13 @@ def _grouped_filter_grad_reduce(x, g, groups, cin_g, cout_g, layout):
   ay, ax = _SPATIAL_AXES[layout]
   h, w = x.shape[ay], x.shape[ax]
   xp = _pad_hw(x, layout)
+  expanded = [_expand_group_input(xp, groups, cin_g, cout_g, j) for j in range(cin_g)]
   token_axes = tuple(range(x.ndim - 1))
   taps = []
   for dy in range(3):
     for dx in range(3):
-      for j in range(cin_g):
-        xj = _hw_window(_expand_group_input(xp, groups, cin_g, cout_g, j), dy, dx, h, w, layout)
-        taps.append((xj * g).sum(axis=token_axes))  # (cout,)
+      for xj in expanded:
+        taps.append((_hw_window(xj, dy, dx, h, w, layout) * g).sum(axis=token_axes))  # (cout,)
   return jnp.stack(taps).reshape(3, 3, cin_g, groups * cout_g)
 
 
@@ -600,7 +600,6 @@ class DPMamba(nnx.Module):
 
   def _check_inputs(self, xs, mask, embed_conv):
     cfg = self.cfg
-    embed_conv = [None] * len(xs) if embed_conv is None else list(embed_conv)
     if len(xs) != cfg.num_modalities or len(embed_conv) != cfg.num_modalities:
       raise UserError(f"model input: got {len(xs)} modalities ({len(embed_conv)} embed_conv), "
                       f"expected {cfg.num_modalities}")
@@ -636,8 +635,8 @@ class DPMamba(nnx.Module):
       (B, out_dim) float32, not normalised.
     """
     cfg = self.cfg
+    embed_conv = [None] * len(xs) if embed_conv is None else list(embed_conv)
     self._check_inputs(xs, mask, embed_conv)
-    embed_conv = [None] * cfg.num_modalities if embed_conv is None else embed_conv
     if train and cfg.af_dropout > 0 and cfg.depth > 0 and dropout_key is None:
       raise ValueError("DPMamba(train=True) needs dropout_key when af_dropout > 0")
     det = details if details is not None else {}

@@ -259,8 +259,8 @@ def make_predict_step(graphdef, *, width: int, patch_size: int,
   predict(params, rest, scene, z, idx, mask) -> (b,) int32 class ids
     scene: the per-modality padded cubes, or (faster, for many batches of one model)
     ``predict.prepare(params, rest, cubes)``, where a wide modality's embedding conv has run
-    once over the whole cube (SCENE_CONV_BACKENDS, SCENE_CONV_MIN_BANDS); both give the same
-    predictions up to float rounding. idx: (b,) flat pixel indices; mask: (b, M) float32
+    once over the whole cube (SCENE_CONV_BACKENDS, SCENE_CONV_MIN_BANDS; prepare passes a
+    prepared scene through); both give the same predictions up to float rounding. idx: (b,) flat pixel indices; mask: (b, M) float32
     (all ones = complete). Missing modalities get zero-filled raw input (no effect in eval
     mode; the model puts the prompt, or zeros for the teacher, in their feature slot). The mask
     is an input, not a static, so there is one compile per batch shape for all scenarios.
@@ -284,9 +284,10 @@ def make_predict_step(graphdef, *, width: int, patch_size: int,
     out = jnp.zeros(cube.shape[:2] + (conv.kernel.shape[-1],), cube.dtype)  # (H', W', hidden)
     return {"conv": jax.lax.fori_loop(0, -(-rows // tile), conv_tile, out), "ring": padded}
 
-  def prepare(params, rest, cubes):
-    return [jitted_scene_conv(params, rest, cube, m) if _scene_conv_applies(cube.shape[-1])
-            else cube for m, cube in enumerate(cubes)]
+  def prepare(params, rest, cubes):  # entries prepared already (dicts) pass through
+    return [jitted_scene_conv(params, rest, c, m)
+            if not isinstance(c, dict) and _scene_conv_applies(c.shape[-1]) else c
+            for m, c in enumerate(cubes)]
 
   def predict(params, rest, scene, z, idx, mask):
     model = nnx.merge(graphdef, params, rest)

@@ -170,6 +170,7 @@ def test_predict_scene_input_equals_cubes(monkeypatch):
   assert isinstance(scene[0], dict) and set(scene[0]) == {"conv", "ring"}
   chex.assert_shape(scene[0]["conv"], cubes[0].shape[:2] + (8,))
   assert scene[1] is cubes[1]  # 2 bands: patches as before
+  assert all(a is b for a, b in zip(pred.prepare(params, rest, scene), scene))  # pass-through
   idx = jnp.arange(H * W, dtype=jnp.int32)
   for row in ([1, 1], [0, 1], [1, 0]):
     mask = jnp.asarray(np.tile(np.array(row, np.float32), (H * W, 1)))
