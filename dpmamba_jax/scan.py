@@ -295,6 +295,21 @@ def _coefficient_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.nda
   return scipy.linalg.block_diag(to_heads, to_heads, to_states, to_states)
 
 
+# The recurrent scan's VJP keeps every step's state up to this many bytes per scan; above it,
+# only the state entering each segment (see `_recurrence_fn`). Trento's teacher step (B 120,
+# L 225, h 64: 27.6 MB per scan, six scans) needs 147 MB less XLA temp memory that way, for a
+# second pass of the cheap state update in the backward (~10 % of a step at Augsburg's shapes,
+# 11.6 MB per scan, which keeps all).
+SCAN_STATES_KEPT_MAX_BYTES = 24 << 20
+
+
+def state_segment_length(length: int) -> int:
+  """Steps per segment when the recurrent scan's VJP recomputes states: a divisor S of `length`
+  with S + length / S smallest (the patch side P for L = P * P)."""
+  divisors = [d for d in range(1, length + 1) if length % d == 0]
+  return min(divisors, key=lambda d: (d + length // d, -d))
+
+
 @functools.lru_cache(maxsize=None)
 def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
   """The core of `selective_scan_recurrent` for fixed paths, with a hand-written VJP.
@@ -303,14 +318,19 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
   -> (L*B, D), tokens time-major (row l*B + b is token l of sample b). Direction k at step t
   visits token paths[k, t]:
     h_k = decay h_k + dt B x;  out[token] += C . h_k + d_k x.
-  The VJP keeps only the states h of every step (L, K, B, R, Dh, N) and walks the steps backwards
-  (adjoint lam_t = C_t g_t + decay_{t+1} lam_{t+1}); autodiff through lax.scan would also keep
-  each step's gathered tokens and coefficients, several times the memory.
+  The VJP walks the steps backwards (adjoint lam_t = C_t g_t + decay_{t+1} lam_{t+1}). It needs
+  every step's state: the forward keeps them all, (L, K, B, R, Dh, N), when that is at most
+  SCAN_STATES_KEPT_MAX_BYTES; otherwise only the state entering each segment of S =
+  `state_segment_length(L)` steps (a patch row for L = P * P), (L / S, K, B, R, Dh, N), and the
+  backward recomputes a segment's S states before walking back through them. Autodiff through
+  lax.scan would also keep each step's gathered tokens and coefficients.
   """
   # numpy constants only: this closure is cached across traces, so it must not hold jax arrays
   paths = np.frombuffer(paths_bytes, np.int32).reshape(k_dirs, length)
   inv_t = inverse_paths(paths).T  # (L, K): inv[k, token] = step at which direction k visits it
   dirs = np.arange(k_dirs)
+  seg = state_segment_length(length)
+  seg_steps = np.arange(length, dtype=np.int32).reshape(length // seg, seg)  # (L / S, S)
 
   def split_heads(x, r_heads):  # (K, B, D) -> (K, B, R, Dh, 1)
     k, b, d = x.shape
@@ -323,7 +343,9 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     state = lambda a: a[tok, :, dirs][:, :, None, None, :]
     return tok, heads(decay), heads(dt), state(b_in), state(c_out)
 
-  def forward(u_flat, decay, dt, b_in, c_out, d_skip, keep_states):
+  def forward(u_flat, decay, dt, b_in, c_out, d_skip, keep):
+    """-> (out (L*B, D), states): keep "none" (None), "all" (each step's state, after it) or
+    "segments" (the state entering each segment)."""
     bsz, dim = decay.shape[1], u_flat.shape[-1]
     r_heads, n_state = decay.shape[-1], b_in.shape[-1]
     d_k = split_heads(d_skip[:, None, :], r_heads)  # (K, 1, R, Dh, 1)
@@ -336,35 +358,43 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       x_t = split_heads(u_flat.reshape(length, bsz, dim)[tok], r_heads)
       h = a * h + delta * b * x_t
       y_t = (h * c).sum(-1, keepdims=True) + d_k * x_t
-      return (h, out.at[tok].add(y_t.reshape(k_dirs, bsz, dim))), (h if keep_states else None)
+      return (h, out.at[tok].add(y_t.reshape(k_dirs, bsz, dim))), (h if keep == "all" else None)
+
+    def segment(carry, steps):  # -> the state entering the segment
+      return jax.lax.scan(step, carry, steps)[0], carry[0]
 
     h0 = jnp.zeros((k_dirs, bsz, r_heads, dim // r_heads, n_state), u_flat.dtype)
     out0 = jnp.zeros((length, bsz, dim), u_flat.dtype)
-    (_, out), hs = jax.lax.scan(step, (h0, out0), jnp.arange(length))
-    return out.reshape(length * bsz, dim), hs
+    if keep == "segments":
+      (_, out), states = jax.lax.scan(segment, (h0, out0), seg_steps)
+    else:
+      (_, out), states = jax.lax.scan(step, (h0, out0), jnp.arange(length))
+    return out.reshape(length * bsz, dim), states
 
   @jax.custom_vjp
   def recurrence(u_flat, decay, dt, b_in, c_out, d_skip):
-    return forward(u_flat, decay, dt, b_in, c_out, d_skip, False)[0]
+    return forward(u_flat, decay, dt, b_in, c_out, d_skip, "none")[0]
 
   def fwd(u_flat, decay, dt, b_in, c_out, d_skip):
-    out, hs = forward(u_flat, decay, dt, b_in, c_out, d_skip, True)
-    return out, (u_flat, decay, dt, b_in, c_out, d_skip, hs)
+    states_bytes = length * k_dirs * decay.shape[1] * u_flat.shape[-1] * b_in.shape[-1] * 4
+    # one-step segments (L = 1) would keep as many states as "all", so keep all
+    keep = "all" if states_bytes <= SCAN_STATES_KEPT_MAX_BYTES or seg == 1 else "segments"
+    out, states = forward(u_flat, decay, dt, b_in, c_out, d_skip, keep)
+    return out, (u_flat, decay, dt, b_in, c_out, d_skip, states)
 
   def bwd(res, g_out):
-    u_flat, decay, dt, b_in, c_out, d_skip, hs = res  # hs: (L, K, B, R, Dh, N)
+    u_flat, decay, dt, b_in, c_out, d_skip, states = res  # (L or L / S, K, B, R, Dh, N)
     bsz, dim = decay.shape[1], u_flat.shape[-1]
     u_tm = u_flat.reshape(length, bsz, dim)
     g_out = g_out.reshape(length, bsz, dim)
     r_heads = decay.shape[-1]
+    sum_matrix = _coefficient_sum_matrix(*states.shape[3:])
 
-    def step(carry, t):
+    def back_step(carry, t, h_t, h_prev):
       lam_next, g_u = carry  # decay_{t+1} lam_{t+1}: (K, B, R, Dh, N); (L, B, D)
       tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
       x_t = split_heads(u_tm[tok], r_heads)  # (K, B, R, Dh, 1)
       g_y = split_heads(g_out[tok], r_heads)
-      h_t = hs[t]
-      h_prev = jnp.where(t > 0, hs[jnp.maximum(t - 1, 0)], 0.0)
       lam = g_y * c + lam_next  # dL/dh_t
       g_x = (lam * delta * b).sum(-1)  # (K, B, R, Dh)
       g_u = g_u.at[tok].add(g_x.reshape(k_dirs, bsz, dim))
@@ -375,10 +405,29 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       g_coef = jnp.concatenate([q.reshape(k_dirs, bsz, -1) for q in prods], -1) @ sum_matrix
       return (lam * a, g_u), g_coef  # (K, B, 2R + 2N)
 
-    sum_matrix = _coefficient_sum_matrix(*hs.shape[3:])
+    def back_through(carry, steps, hs, h_start):
+      """The backward over `steps` given their states hs (S, ...) and the state before them."""
+      def body(carry, i):
+        h_prev = jnp.where(i > 0, hs[jnp.maximum(i - 1, 0)], h_start)
+        return back_step(carry, jnp.asarray(steps)[i], hs[i], h_prev)
+      return jax.lax.scan(body, carry, jnp.arange(len(steps)), reverse=True)
+
+    def recompute(h, t):  # the forward's state update only
+      tok, a, delta, b, _ = at_step(t, decay, dt, b_in, c_out)
+      h = a * h + delta * b * split_heads(u_tm[tok], r_heads)
+      return h, h
+
+    def segment(carry, inputs):
+      steps, h_start = inputs
+      return back_through(carry, steps, jax.lax.scan(recompute, h_start, steps)[1], h_start)
+
     # the skip term's gradients need no path order: every direction visits every token once
-    init = (jnp.zeros_like(hs[0]), g_out * d_skip.sum(0))
-    (_, g_u), g_coefs = jax.lax.scan(step, init, jnp.arange(length), reverse=True)
+    init = (jnp.zeros_like(states[0]), g_out * d_skip.sum(0))
+    if states.shape[0] == length:  # every step's state was kept
+      (_, g_u), g_coefs = back_through(init, np.arange(length), states, jnp.zeros_like(states[0]))
+    else:
+      (_, g_u), g_coefs = jax.lax.scan(segment, init, (seg_steps, states), reverse=True)
+      g_coefs = g_coefs.reshape((length,) + g_coefs.shape[2:])  # (T, K, B, 2R + 2N)
     # per-step (T, K, B, .) -> per-token (L, B, K, .): token l of direction k was step inv[k, l]
     g_coefs = jnp.swapaxes(g_coefs[inv_t, dirs[None, :]], 1, 2)
     g_decay, g_dt, g_b, g_c = jnp.split(

@@ -79,6 +79,31 @@ def test_all_impls_same_gradients(bsz, p, dim, heads, n_state):
       chex.assert_trees_all_close(grads(impl), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("p", [3, 4])
+@pytest.mark.parametrize("kept_max_bytes", [0, 1 << 30])
+def test_recurrent_vjp_recomputed_states_same_gradients(p, kept_max_bytes, monkeypatch):
+  # states kept per segment (threshold 0: the backward recomputes them) or all kept: both are
+  # the sequential scan's gradients, and the forward keeps L / S or L states
+  monkeypatch.setattr(scan, "SCAN_STATES_KEPT_MAX_BYTES", kept_max_bytes)
+  bsz, dim, heads, n_state = 2, 8, 2, 2
+  args = _random_ssm(11 + p, bsz, p, dim, heads, n_state)
+  paths = scan.zigzag_paths(p)
+  w = jax.random.normal(jax.random.PRNGKey(2), (bsz, p * p, dim))
+  loss = lambda impl: lambda *a: jnp.sum(
+      w * jnp.tanh(scan.selective_scan(*a, paths, impl=impl)))
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(jax.grad(loss("sequential"), argnums=(0, 1, 2, 3, 4)))(*args)
+    fast = jax.jit(jax.grad(loss("recurrent"), argnums=(0, 1, 2, 3, 4)))(*args)
+    _, vjp = jax.vjp(lambda *a: scan.selective_scan(*a, paths, impl="recurrent"), *args)
+  chex.assert_trees_all_close(fast, ref, rtol=1e-4, atol=1e-4)
+  kept = {x.shape[0] for x in jax.tree_util.tree_leaves(vjp) if x.ndim == 6}
+  assert kept == ({p} if kept_max_bytes == 0 else {p * p}), kept
+
+
+def test_state_segment_length():
+  assert [scan.state_segment_length(n) for n in (81, 121, 225, 12, 7, 1)] == [9, 11, 15, 4, 7, 1]
+
+
 def test_chunked_strong_decay_is_finite_and_exact():
   # A = -exp(3) ~ -20: in-chunk exp(-cum) would overflow; the masked segment sums must not.
   args = _random_ssm(3, 2, 5, 8, 2, 1, a_scale=0.0)
