@@ -195,10 +195,12 @@ def test_pixels(rd) -> np.ndarray:
 
 
 def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
-                   scenarios: Sequence[tuple[str, Any]] | None = None) -> dict:
+                   scenarios: Sequence[tuple[str, Any]] | None = None,
+                   progress: bool = True) -> dict:
   """{scenario: scores} for one model over the test pixels of the run's split (`test_pixels`).
 
-  `rd` is a train.RunData (device cubes, text features z, split, labels, spec).
+  `rd` is a train.RunData (device cubes, text features z, split, labels, spec). progress: a
+  progress bar per scenario on stderr.
   """
   from dpmamba_jax import data
   predict_fn, params, rest = predictor(model, rd, batch)
@@ -208,7 +210,8 @@ def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
   out = {}
   for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):
     pred = predict_pixels(predict_fn, params, rest, scene, rd.z, test_idx, row,
-                          rd.spec.num_modalities, batch, desc=f"eval {which} {name}")
+                          rd.spec.num_modalities, batch,
+                          desc=f"eval {which} {name}" if progress else None)
     out[name] = scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
   return out
 
@@ -306,10 +309,13 @@ def evaluate_run(rd, workdir: str, teacher=None, student=None, *, epochs: dict,
       "epochs": {"pretrain": int(epochs.get("pretrain", 0)),
                  "distill": int(epochs.get("distill", 0))},
       "student": {}, "teacher": {}}
+  progress = not getattr(log, "quiet", False)  # a quiet train.RunLog: no progress bars either
   if student is not None:
-    metrics["student"] = evaluate_model(student, rd, batch=batch, which="student")
+    metrics["student"] = evaluate_model(student, rd, batch=batch, which="student",
+                                        progress=progress)
   if teacher is not None:
-    metrics["teacher"] = evaluate_model(teacher, rd, batch=batch, which="teacher")
+    metrics["teacher"] = evaluate_model(teacher, rd, batch=batch, which="teacher",
+                                        progress=progress)
   metrics["wall_time_s"] = {"pretrain": float(wall_time_s.get("pretrain", 0.0)),
                             "distill": float(wall_time_s.get("distill", 0.0)),
                             "evaluate": float(time.time() - t0)}

@@ -134,7 +134,8 @@ def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "s
   written = []
   for name, row in masks_lib.eval_scenarios(spec.modalities):
     pred = predict_scene(predict_fn, params, rest, scene, rd.z, rd.height, rd.width, row,
-                         spec.num_modalities, batch, desc=f"map {which} {name}")
+                         spec.num_modalities, batch,
+                         desc=None if getattr(log, "quiet", False) else f"map {which} {name}")
     full, labelled = to_maps(pred, rd.labels)
     stem = f"{which}_{masks_lib.scenario_file_stem(name)}"
     written += save_map(out_dir, stem + "_full", full, spec.class_names, palette,

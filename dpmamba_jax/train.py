@@ -385,7 +385,7 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
   t0 = time.time()
   window: list = []
   bar = tqdm(total=epochs, initial=start, desc=stage, unit="epoch", mininterval=1.0,
-             file=sys.stderr, dynamic_ncols=True)
+             file=sys.stderr, dynamic_ncols=True, disable=getattr(log, "quiet", False))
   for epoch in range(start, epochs):
     batches = sampler.epoch(epoch)  # (steps, B) indices into the train set
     for b in batches:
@@ -579,7 +579,7 @@ def _parser() -> argparse.ArgumentParser:
                       "pixels) or none (raw values, as the authors)")
   p.add_argument("--no-compile-cache", action="store_true",
                  help=f"disable the persistent XLA compilation cache ({compile_cache_dir()})")
-  p.add_argument("--quiet", action="store_true", help="no console log lines")
+  p.add_argument("--quiet", action="store_true", help="no console log lines, no progress bars")
   return p
 
 

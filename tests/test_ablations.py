@@ -192,10 +192,12 @@ TINY = ["--epochs", "1", "--text-encoder", "random", "--no-compile-cache", "--qu
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_end_to_end_variant3_kl_through_train_main(tmp_path):
+def test_end_to_end_variant3_kl_through_train_main(tmp_path, capsys):
   wd = tmp_path / "v3"
   assert train.main(["--workdir", str(wd), *TINY, "--set", "prompts=false",
                      "--set", "distill=kl"]) == 0
+  err = capsys.readouterr().err  # --quiet: no progress bars for the stages or the evaluation
+  assert "epoch/s" not in err and "eval student" not in err and "batch/s" not in err, err[-500:]
   m = json.loads((wd / "metrics.json").read_text())
   assert set(m["student"]) == {"complete", "without:HSI", "without:LiDAR"}
   assert m["epochs"] == {"pretrain": 1, "distill": 1}
