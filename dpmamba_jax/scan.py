@@ -343,6 +343,12 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     state = lambda a: a[tok, :, dirs][:, :, None, None, :]
     return tok, heads(decay), heads(dt), state(b_in), state(c_out)
 
+  def advance(h, t, u_tm, decay, dt, b_in, c_out):
+    """The state update of step t: h (K, B, R, Dh, N) -> (h_t, tok, c, x_t (K, B, R, Dh, 1))."""
+    tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
+    x_t = split_heads(u_tm[tok], decay.shape[-1])
+    return a * h + delta * b * x_t, tok, c, x_t
+
   def forward(u_flat, decay, dt, b_in, c_out, d_skip, keep):
     """-> (out (L*B, D), states): keep "none" (None), "all" (each step's state, after it) or
     "segments" (the state entering each segment)."""
@@ -352,11 +358,9 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
 
     def step(carry, t):
       h, out = carry  # (K, B, R, Dh, N), (L, B, D)
-      tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
       # reshaped inside the body: an (L, B, D) view made outside is a second loop input, and
       # XLA would again compute u's producer twice
-      x_t = split_heads(u_flat.reshape(length, bsz, dim)[tok], r_heads)
-      h = a * h + delta * b * x_t
+      h, tok, c, x_t = advance(h, t, u_flat.reshape(length, bsz, dim), decay, dt, b_in, c_out)
       y_t = (h * c).sum(-1, keepdims=True) + d_k * x_t
       return (h, out.at[tok].add(y_t.reshape(k_dirs, bsz, dim))), (h if keep == "all" else None)
 
@@ -376,7 +380,8 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     return forward(u_flat, decay, dt, b_in, c_out, d_skip, "none")[0]
 
   def fwd(u_flat, decay, dt, b_in, c_out, d_skip):
-    states_bytes = length * k_dirs * decay.shape[1] * u_flat.shape[-1] * b_in.shape[-1] * 4
+    states_bytes = (length * k_dirs * decay.shape[1] * u_flat.shape[-1] * b_in.shape[-1]
+                    * u_flat.dtype.itemsize)
     # one-step segments (L = 1) would keep as many states as "all", so keep all
     keep = "all" if states_bytes <= SCAN_STATES_KEPT_MAX_BYTES or seg == 1 else "segments"
     out, states = forward(u_flat, decay, dt, b_in, c_out, d_skip, keep)
@@ -413,8 +418,7 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       return jax.lax.scan(body, carry, jnp.arange(len(steps)), reverse=True)
 
     def recompute(h, t):  # the forward's state update only
-      tok, a, delta, b, _ = at_step(t, decay, dt, b_in, c_out)
-      h = a * h + delta * b * split_heads(u_tm[tok], r_heads)
+      h = advance(h, t, u_tm, decay, dt, b_in, c_out)[0]
       return h, h
 
     def segment(carry, inputs):
@@ -423,7 +427,7 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
 
     # the skip term's gradients need no path order: every direction visits every token once
     init = (jnp.zeros_like(states[0]), g_out * d_skip.sum(0))
-    if states.shape[0] == length:  # every step's state was kept
+    if states.shape[0] == length:  # every step's state kept (fwd never segments with S == 1)
       (_, g_u), g_coefs = back_through(init, np.arange(length), states, jnp.zeros_like(states[0]))
     else:
       (_, g_u), g_coefs = jax.lax.scan(segment, init, (seg_steps, states), reverse=True)

@@ -385,7 +385,7 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
   t0 = time.time()
   window: list = []
   bar = tqdm(total=epochs, initial=start, desc=stage, unit="epoch", mininterval=1.0,
-             file=sys.stderr, dynamic_ncols=True, disable=getattr(log, "quiet", False))
+             file=sys.stderr, dynamic_ncols=True, disable=log.quiet)
   for epoch in range(start, epochs):
     batches = sampler.epoch(epoch)  # (steps, B) indices into the train set
     for b in batches:
