@@ -82,7 +82,8 @@ def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.nd
   memory): only the (batch,) indices go to the device per batch, and only the (batch,)
   predictions come back. `mask_row` (M,) or None (complete). A `predict_fn` with a `.mesh`
   (steps.make_predict_step(..., mesh=...)) runs each batch sharded over the mesh's devices; the
-  model and the cubes are replicated on it once per call. The cubes become `prepare_scene`'s
+  model and the cubes are replicated on it once per call. Without a mesh, on a CPU, each batch
+  runs as concurrent sub-batch calls (steps.make_predict_step, CPU_PREDICT_CALLS). The cubes become `prepare_scene`'s
   input once per call (nothing to do when they are that input already).
   """
   import jax

@@ -146,12 +146,52 @@ def test_predict_step_masks_are_an_input(setup):
     out = pred(params, rest, s["padded"], s["z"], s["idx"], mask)
     chex.assert_shape(out, (b,))
     outs.append(np.asarray(out))
-  assert pred._cache_size() == 1
+  assert pred.jitted._cache_size() == 1
   # Complete == the model's own eval forward with mask None.
   xs = steps.gather_batch(s["padded"], s["idx"], W, P)
   from dpmamba_jax import losses
   want = np.asarray(losses.predict(model(xs, None), s["z"]))
   np.testing.assert_array_equal(outs[0], want)
+
+
+@pytest.mark.parametrize("batch,max_calls,min_sub,want", [
+    (512, 16, 32, 16), (500, 16, 32, 10), (120, 16, 32, 3), (31, 16, 32, 1), (24, 4, 4, 4),
+    (7, 4, 1, 1), (512, 1, 32, 1)])
+def test_predict_calls(batch, max_calls, min_sub, want):
+  n = steps.predict_calls(batch, max_calls, min_sub)
+  assert n == want and batch % n == 0 and (n == 1 or batch // n >= min_sub)
+
+
+def test_predict_concurrent_calls_equal_one_call(monkeypatch):
+  """A batch split into concurrent sub-batch calls gives the one call's predictions; the
+  concurrent first calls trace the step once, at the sub-batch's shape."""
+  monkeypatch.setattr(steps, "CPU_PREDICT_MIN_SUB_BATCH", 4)
+  from dpmamba_jax import losses
+  traced = []
+  real_predict = losses.predict
+
+  def recording_predict(v, z):
+    traced.append(v.shape[0])
+    return real_predict(v, z)
+
+  monkeypatch.setattr(losses, "predict", recording_predict)
+  rng = np.random.default_rng(6)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(H, W, b)).astype(np.float32) for b in (6, 2)], P)]
+  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
+  cfg = model_lib.ModelConfig.tiny(bands=(6, 2), patch_size=P, hidden=8, out_dim=8,
+                                   prompts=True)
+  graphdef, params, rest = steps.split_model(model_lib.DPMamba(cfg, rngs=nnx.Rngs(7)))
+  split = steps.make_predict_step(graphdef, width=W, patch_size=P, max_calls=4)
+  whole = steps.make_predict_step(graphdef, width=W, patch_size=P, max_calls=1)
+  idx = jnp.asarray(rng.choice(H * W, 24, replace=False).astype(np.int32))
+  for row in ([1, 1], [0, 1], [1, 0]):
+    mask = jnp.asarray(np.tile(np.array(row, np.float32), (24, 1)))
+    got = split(params, rest, cubes, z, idx, mask)
+    chex.assert_shape(got, (24,))
+    np.testing.assert_array_equal(got, whole(params, rest, cubes, z, idx, mask))
+  assert traced == [6, 24]  # four calls of 6 traced once; then the one call of 24
+  assert split.jitted._cache_size() == 1
 
 
 def test_predict_scene_input_equals_cubes(monkeypatch):

@@ -21,7 +21,10 @@ gather from the on-device scene, model, loss, grad, AdamW). Measured per configu
                   maps use (predict.prepare: on CPU the HSI embedding conv runs once over the
                   whole scene, infer_scene_conv_modalities; its time, once per model and
                   scene: infer_prepare_s); the median of max(8, --steps) calls, and
-                  infer_page_faults_per_call (minor faults: see "Host memory" below)
+                  infer_page_faults_per_call (minor faults: see "Host memory" below); on a
+                  CPU a batch runs as concurrent calls on equal sub-batches, as evaluation
+                  runs it (steps.make_predict_step; `infer_calls`, --infer-calls N: at most
+                  N calls, 1 = one call)
   peak_rss_mb     resource.getrusage peak of the subprocess (peak_rss_train_mb: the peak
                   before the inference program is compiled, i.e. of the two train steps)
 
@@ -68,13 +71,15 @@ def _times(fn, n: int) -> tuple[float, float]:
   return float(np.median(ts)), float(np.min(ts))
 
 
-def build(dataset: str, scan_impl: str = "auto") -> types.SimpleNamespace:
+def build(dataset: str, scan_impl: str = "auto",
+          infer_calls: int | None = None) -> types.SimpleNamespace:
   """The real jitted steps at a dataset's shapes, on random inputs (also used by profile_step).
 
   Returns a namespace: spec, cfg, cubes (padded random scene per modality), z (class text
   features), idx / labels (one train batch), t_graph / t_state / t_step (teacher graphdef, train
   state, jitted step), s_graph / s_state / s_step (the same for the student), predict (the
-  student's jitted predict step), scene (H, W) and rng.
+  student's predict step, at most `infer_calls` concurrent calls per batch; None: the
+  backend's default), scene (H, W) and rng.
   """
   import jax
   import jax.numpy as jnp
@@ -109,19 +114,21 @@ def build(dataset: str, scan_impl: str = "auto") -> types.SimpleNamespace:
       s_graph=s_graph, s_state=s_state,
       s_step=steps.make_student_step(s_graph, t_graph, tx, sched, width=w, patch_size=p,
                                      num_modalities=cfg.num_modalities, batch_size=bsz),
-      predict=steps.make_predict_step(s_graph, width=w, patch_size=p))
+      predict=steps.make_predict_step(s_graph, width=w, patch_size=p, max_calls=infer_calls))
 
 
-def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int]) -> dict:
+def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int],
+            infer_calls: int | None = None) -> dict:
   """Benchmarks one (dataset, scan impl) in this process. Returns the KEYS dict (+ context)."""
   import jax
   import jax.numpy as jnp
 
   from dpmamba_jax import scan
+  from dpmamba_jax import steps
 
   train.release_memory_after_compiles()  # as the CLIs do
 
-  env = build(dataset, scan_impl)
+  env = build(dataset, scan_impl, infer_calls)
   spec, cfg, cubes, z, idx, labels, rng = (env.spec, env.cfg, env.cubes, env.z, env.idx,
                                            env.labels, env.rng)
   p, bsz = spec.patch_size, spec.batch_size
@@ -188,6 +195,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
               batch=bsz, patch=p, bands=list(cfg.bands),
               infer_batch=batches[0], steps_source="dpmamba_jax.steps",
+              infer_calls=steps.predict_calls(batches[0], predict.max_calls),
               teacher_step_s=teacher_s, student_step_s=student_s,
               teacher_step_min_s=teacher_min, student_step_min_s=student_min,
               student_step_pipelined_s=pipelined_s,
@@ -208,6 +216,8 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
          "--scan-impl", impl, "--steps", str(args.steps)]
   for b in args.infer_batch:
     cmd += ["--infer-batch", str(b)]
+  if args.infer_calls is not None:
+    cmd += ["--infer-calls", str(args.infer_calls)]
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -251,6 +261,9 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
   ap.add_argument("--infer-batch", type=int, action="append",
                   help="inference batch (default 512; repeat to time several)")
+  ap.add_argument("--infer-calls", type=int, default=None,
+                  help="at most this many concurrent calls per inference batch (default: "
+                       "steps.CPU_PREDICT_CALLS on a CPU, 1 elsewhere; 1 = one call)")
   ap.add_argument("--xla-flags", default="auto",
                   help="appended to $XLA_FLAGS of each run (default auto: "
                        f"{train.CPU_XLA_FLAGS!r} unless a GPU plugin is installed)")
@@ -277,14 +290,14 @@ def main(argv=None) -> int:
       raise errors.UserError(f"--scan-impl {i!r}: expected one of "
                              f"{scan.SELECTIVE_SCAN_IMPLS} or 'all'")
   args.infer_batch = args.infer_batch or [512]
-  if args.steps < 1 or min(args.infer_batch) < 1:
-    raise errors.UserError("--steps and --infer-batch: expected positive ints")
+  if args.steps < 1 or min(args.infer_batch) < 1 or (args.infer_calls or 1) < 1:
+    raise errors.UserError("--steps, --infer-batch and --infer-calls: expected positive ints")
 
   if args.worker:
     if args.compile_cache:
       os.environ["DPMAMBA_XLA_CACHE_DIR"] = args.compile_cache
       train.setup_compile_cache(True)
-    row = run_one(names[0], impls[0], args.steps, args.infer_batch)
+    row = run_one(names[0], impls[0], args.steps, args.infer_batch, args.infer_calls)
     row["compile_cache"] = args.compile_cache
     print(json.dumps(row))
     return 0
