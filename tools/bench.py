@@ -290,7 +290,8 @@ def main(argv=None) -> int:
       raise errors.UserError(f"--scan-impl {i!r}: expected one of "
                              f"{scan.SELECTIVE_SCAN_IMPLS} or 'all'")
   args.infer_batch = args.infer_batch or [512]
-  if args.steps < 1 or min(args.infer_batch) < 1 or (args.infer_calls or 1) < 1:
+  if (args.steps < 1 or min(args.infer_batch) < 1
+      or (args.infer_calls is not None and args.infer_calls < 1)):
     raise errors.UserError("--steps, --infer-batch and --infer-calls: expected positive ints")
 
   if args.worker:

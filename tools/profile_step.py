@@ -1,7 +1,8 @@
 """Where a step's time goes: a device trace of one jitted step, per source line of this package.
 
   python tools/profile_step.py [--dataset trento] [--step student|teacher|predict]
-                               [--batch 512] [--steps 3] [--top 30] [--json OUT]
+                               [--batch 512] [--infer-calls 1] [--steps 3] [--top 30]
+                               [--json OUT]
 
 Runs the real jitted step (`tools/bench.py`'s `build`: the dataset's batch, patch and band
 counts, random inputs), traces --steps calls with `jax.profiler`, and maps every XLA kernel to
@@ -12,7 +13,9 @@ by source line and by file, and the total.
 On a GPU, XLA's command buffers (CUDA graphs) are turned off for the run so that each kernel is
 its own trace event: the per-line times hold, the total is a little higher than a normal step.
 On a CPU every XLA op (fusion, matmul, loop body op) is an event. Times are per step (the trace
-total divided by --steps).
+total divided by --steps). The predict step runs each batch as one call unless --infer-calls N
+(evaluation's CPU default is steps.CPU_PREDICT_CALLS concurrent calls): the ops of concurrent
+calls overlap, and their times then include the wait for a core.
 """
 from __future__ import annotations
 
@@ -117,14 +120,15 @@ def attribute(events: list[dict], source_lines: dict[str, str], n_steps: int) ->
               by_line=rows, by_file=dict(sorted(by_file.items(), key=lambda kv: -kv[1])))
 
 
-def run(dataset: str, step: str, batch: int, n_steps: int, dump_dir: str) -> dict:
+def run(dataset: str, step: str, batch: int, n_steps: int, dump_dir: str,
+        infer_calls: int = 1) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   import bench
 
-  env = bench.build(dataset)
+  env = bench.build(dataset, infer_calls=infer_calls)
   h, w = env.scene
   frozen = (env.t_state.params, env.t_state.batch_stats)
   box = {"t": env.t_state, "s": env.s_state}
@@ -183,12 +187,14 @@ def main(argv=None) -> int:
   ap.add_argument("--step", choices=("student", "teacher", "predict"), default="student")
   ap.add_argument("--batch", type=int, default=512, help="predict batch (train steps: the "
                   "dataset's batch)")
+  ap.add_argument("--infer-calls", type=int, default=1,
+                  help="concurrent calls per predict batch (default 1: per-op times of one call)")
   ap.add_argument("--steps", type=int, default=3, help="traced calls (after two warm-ups)")
   ap.add_argument("--top", type=int, default=30, help="source lines printed")
   ap.add_argument("--json", metavar="OUT", help="also write the whole result here")
   args = ap.parse_args(argv)
-  if args.batch < 1 or args.steps < 1:
-    raise errors.UserError("--batch and --steps: expected positive ints")
+  if args.batch < 1 or args.steps < 1 or args.infer_calls < 1:
+    raise errors.UserError("--batch, --steps and --infer-calls: expected positive ints")
   from dpmamba_jax import datasets, train
   datasets.get_spec(args.dataset)  # UserError for unknown names
   with tempfile.TemporaryDirectory(prefix="profile_step_hlo_") as dump_dir:
@@ -197,7 +203,7 @@ def main(argv=None) -> int:
     if any(k in (train.accelerator_plugin() or "") for k in ("cuda", "rocm")):
       flags.append("--xla_gpu_enable_command_buffer=")
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
-    result = run(args.dataset, args.step, args.batch, args.steps, dump_dir)
+    result = run(args.dataset, args.step, args.batch, args.steps, dump_dir, args.infer_calls)
   print(format_report(result, args.top))
   if args.json:
     tmp = args.json + ".tmp"
