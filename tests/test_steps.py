@@ -154,6 +154,18 @@ def test_predict_step_masks_are_an_input(setup):
   np.testing.assert_array_equal(outs[0], want)
 
 
+def _tiny_student_scene(seed: int):
+  """(rng, padded cubes of a 6-band + 2-band scene, z, graphdef, params, rest) of a tiny student."""
+  rng = np.random.default_rng(seed)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(H, W, b)).astype(np.float32) for b in (6, 2)], P)]
+  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
+  cfg = model_lib.ModelConfig.tiny(bands=(6, 2), patch_size=P, hidden=8, out_dim=8,
+                                   prompts=True)
+  graphdef, params, rest = steps.split_model(model_lib.DPMamba(cfg, rngs=nnx.Rngs(seed + 1)))
+  return rng, cubes, z, graphdef, params, rest
+
+
 @pytest.mark.parametrize("batch,max_calls,min_sub,want", [
     (512, 16, 32, 16), (500, 16, 32, 10), (120, 16, 32, 3), (31, 16, 32, 1), (24, 4, 4, 4),
     (7, 4, 1, 1), (512, 1, 32, 1)])
@@ -175,13 +187,7 @@ def test_predict_concurrent_calls_equal_one_call(monkeypatch):
     return real_predict(v, z)
 
   monkeypatch.setattr(losses, "predict", recording_predict)
-  rng = np.random.default_rng(6)
-  cubes = [jnp.asarray(c) for c in data.pad_cubes(
-      [rng.normal(size=(H, W, b)).astype(np.float32) for b in (6, 2)], P)]
-  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
-  cfg = model_lib.ModelConfig.tiny(bands=(6, 2), patch_size=P, hidden=8, out_dim=8,
-                                   prompts=True)
-  graphdef, params, rest = steps.split_model(model_lib.DPMamba(cfg, rngs=nnx.Rngs(7)))
+  rng, cubes, z, graphdef, params, rest = _tiny_student_scene(seed=6)
   split = steps.make_predict_step(graphdef, width=W, patch_size=P, max_calls=4)
   whole = steps.make_predict_step(graphdef, width=W, patch_size=P, max_calls=1)
   idx = jnp.asarray(rng.choice(H * W, 24, replace=False).astype(np.int32))
@@ -198,13 +204,7 @@ def test_predict_scene_input_equals_cubes(monkeypatch):
   """predict.prepare's scene input (the wide modality's embedding conv run once over the cube)
   gives the predictions of the plain cubes, complete and with either modality missing."""
   monkeypatch.setattr(steps, "SCENE_CONV_MIN_BANDS", 6)  # modality 0 (6 bands) only
-  rng = np.random.default_rng(4)
-  cubes = [jnp.asarray(c) for c in data.pad_cubes(
-      [rng.normal(size=(H, W, b)).astype(np.float32) for b in (6, 2)], P)]
-  z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
-  cfg = model_lib.ModelConfig.tiny(bands=(6, 2), patch_size=P, hidden=8, out_dim=8,
-                                   prompts=True)
-  graphdef, params, rest = steps.split_model(model_lib.DPMamba(cfg, rngs=nnx.Rngs(5)))
+  _, cubes, z, graphdef, params, rest = _tiny_student_scene(seed=4)
   pred = steps.make_predict_step(graphdef, width=W, patch_size=P)
   scene = pred.prepare(params, rest, cubes)
   assert isinstance(scene[0], dict) and set(scene[0]) == {"conv", "ring"}
