@@ -176,7 +176,9 @@ def inference_mesh(rd, batch: int | None):
   cache = rd.__dict__.setdefault("_meshes", {})
   if batch not in cache:
     enabled = bool(getattr(getattr(rd, "cfg", None), "data_parallel", True))
-    cache[batch] = steps.data_parallel_mesh(batch, enabled=enabled, what="inference batch")
+    log = print if jax.process_index() == 0 else None  # one line per run, not per host
+    cache[batch] = steps.data_parallel_mesh(batch, enabled=enabled, what="inference batch",
+                                            log=log)
   return cache[batch]
 
 

@@ -81,6 +81,34 @@ def setup_cpu_flags() -> None:
   release_memory_after_compiles()
 
 
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+  """Joins a multi-controller run (`jax.distributed.initialize`); call before any JAX work.
+
+  With no arguments JAX finds the coordinator in the environment (Slurm, Open MPI, TPU pods);
+  otherwise all three are needed. On CPU-only hosts the cross-process collectives go through
+  gloo (XLA:CPU has no other built-in implementation).
+  """
+  given = [v is not None for v in (coordinator, num_processes, process_id)]
+  if any(given) and not all(given):
+    raise errors.UserError("--coordinator, --num-processes and --process-id: give all three "
+                           "or none (none: found in the environment, e.g. Slurm)")
+  if all(given) and not 0 <= process_id < num_processes:
+    raise errors.UserError(f"--process-id {process_id}: expected 0 <= id < --num-processes "
+                           f"{num_processes}")
+  import jax
+  if accelerator_plugin() is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def primary_process() -> bool:
+  """True on process 0 of a multi-controller run (and in a single-process run): the one that
+  prints and appends to log.jsonl. The other processes run the same computation silently."""
+  import jax
+  return jax.process_index() == 0
+
+
 # glibc serves every allocation over 32 MB with a fresh mmap and unmaps it when it is freed, so
 # XLA:CPU's temporary buffer of each call (~340 MB for a Trento predict batch of 512) is faulted
 # in again, 4 KB at a time, on every call: ~90,000 page faults and ~0.2 s of kernel time per
@@ -287,7 +315,8 @@ class RunLog:
 
   def __init__(self, workdir: str, quiet: bool = False):
     self.path = os.path.join(workdir, "log.jsonl")
-    self.quiet = quiet
+    self.primary = primary_process()
+    self.quiet = quiet or not self.primary
 
   def __call__(self, msg: str) -> None:
     if not self.quiet:
@@ -296,12 +325,14 @@ class RunLog:
       sys.stdout.flush()
 
   def record(self, entry: dict) -> None:
+    if not self.primary:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(entry) + "\n")
 
   def truncate(self, stage: str, after_epoch: int) -> None:
     """Drops entries of `stage` past `after_epoch` (written before a crash, redone on resume)."""
-    if not os.path.isfile(self.path):
+    if not self.primary or not os.path.isfile(self.path):
       return
     keep = []
     with open(self.path) as f:
@@ -580,6 +611,14 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-compile-cache", action="store_true",
                  help=f"disable the persistent XLA compilation cache ({compile_cache_dir()})")
   p.add_argument("--quiet", action="store_true", help="no console log lines, no progress bars")
+  g = p.add_argument_group("several hosts (README: Several hosts)")
+  g.add_argument("--distributed", action="store_true",
+                 help="join a multi-controller run (jax.distributed.initialize) first; run the "
+                      "same command on every host")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="process 0's address (default: from the environment, e.g. Slurm)")
+  g.add_argument("--num-processes", type=int, default=None)
+  g.add_argument("--process-id", type=int, default=None)
   return p
 
 
@@ -613,7 +652,12 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.runs < 1:
     raise errors.UserError(f"--runs {args.runs}: expected an int >= 1")
+  if args.distributed:
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+  elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+    raise errors.UserError("--coordinator / --num-processes / --process-id need --distributed")
   cfg, spec = resolve_args(args)
+  args.quiet = args.quiet or not primary_process()
   cache = setup_compile_cache(cfg.compile_cache)
   if cache and not args.quiet:
     print(f"XLA compilation cache: {cache}")
