@@ -36,3 +36,48 @@ def test_bench_rejects_bad_counts(capsys):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "expected positive ints" in err
+
+
+def _row(teacher, student, infer, rss=1000.0, first=10.0, warm=False):
+  return dict(teacher_step_s=teacher, student_step_s=student, infer_patches_per_s=infer,
+              compile_s=first - teacher, first_step_s=first, peak_rss_mb=rss,
+              compile_cache_warm=warm)
+
+
+def test_against_authors_speedups_and_targets():
+  """Speed-ups are the authors' time / ours (rate: ours / theirs); each issue-6 target is judged
+  on its own; datasets without the authors' figures are left out."""
+  result = bench.against_authors({
+      "trento": _row(0.5, 1.0, 1220.0, rss=1400.0, first=12.0),
+      "houston": _row(0.739, 0.4, 4330.0),
+      "synthetic": _row(0.1, 0.1, 100.0)})
+  assert set(result) == {"trento", "houston"}
+  trento = result["trento"]
+  assert abs(trento["speedup"]["teacher_step_s"] - 41.4) < 1e-9
+  assert abs(trento["speedup"]["student_step_s"] - 31.2) < 1e-9
+  assert abs(trento["speedup"]["infer_patches_per_s"] - 100.0) < 1e-9
+  assert abs(trento["speedup_vs_chunked"]["teacher_step_s"] - 6.66) < 1e-9
+  assert trento["all_met"] and len(trento["targets"]) == 11
+  houston = result["houston"]
+  assert "speedup_vs_chunked" not in houston
+  met = {k: t["met"] for k, t in houston["targets"].items()}
+  assert met == {"teacher_step_s speedup": False,  # 7.39 / 0.739 = 10x < 20x
+                 "student_step_s speedup": True, "infer_patches_per_s speedup": True}
+  assert not houston["all_met"]
+  table = bench.format_against_authors(result)
+  assert "| houston | teacher_step_s speedup | 10.0x | >= 20x | NOT met |" in table
+
+
+def test_against_authors_trento_limits():
+  """The absolute Trento targets: RSS 1.5 GB = 1.5e9 bytes (1,430.5 MiB), the first step 20 s
+  cold and 5 s when the compile cache was already filled."""
+  targets = bench.against_authors({"trento": _row(0.5, 1.0, 1220.0, rss=1440.0, first=6.0,
+                                                  warm=True)})["trento"]["targets"]
+  assert not targets["peak_rss_mb"]["met"]
+  assert not targets["first_step_s (warm cache)"]["met"]
+  assert "first_step_s (cold cache)" not in targets
+  slow = bench.against_authors({"trento": _row(1.2, 1.6, 900.0)})["trento"]["targets"]
+  assert [k for k, t in slow.items() if not t["met"]] == [
+      "teacher_step_s speedup", "student_step_s speedup", "infer_patches_per_s speedup",
+      "teacher_step_s speedup_vs_chunked", "student_step_s speedup_vs_chunked",
+      "infer_patches_per_s speedup_vs_chunked", "teacher_step_s", "student_step_s", "infer_patches_per_s"]
