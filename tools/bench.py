@@ -102,10 +102,11 @@ def against_authors(per_dataset: dict) -> dict:
   "speedup_vs_chunked": {key: x} (Trento), "targets": {name: {"value", "limit", "met"}}}}:
   speed-ups for the teacher step, student step and inference, and every target of the issue
   that applies to the dataset (first step: cold or warm by the row's `compile_cache_warm`).
+  Rows measured on another backend than the CPU (a row's `backend`) are left out.
   """
   out = {}
   for name, row in per_dataset.items():
-    if name not in AUTHORS_CPU:
+    if name not in AUTHORS_CPU or row.get("backend", "cpu") != "cpu":  # the figures are CPU ones
       continue
     targets, entry = {}, {}
     for label, anchors, wanted in (("speedup", AUTHORS_CPU, SPEEDUP_TARGETS),
@@ -388,7 +389,7 @@ def main(argv=None) -> int:
     return 0
 
   rows = [_subprocess(n, i, args) for n in names for i in impls]
-  per_dataset = {r["dataset"]: {k: r[k] for k in KEYS + ("compile_cache_warm",)}
+  per_dataset = {r["dataset"]: {k: r[k] for k in KEYS + ("compile_cache_warm", "backend")}
                  for r in rows if "error" not in r and r["scan_impl"] == impls[0]}
   result = {"machine": f"{os.cpu_count()} CPU cores", "results": rows,
             "per_dataset": per_dataset, "against_authors": against_authors(per_dataset)}
