@@ -12,16 +12,22 @@ finally:
   sys.path.pop(0)
 
 
-def test_bench_json_on_the_synthetic_dataset():
-  """One fresh worker process at the synthetic dataset's real shapes: every promised key is a
-  positive number, and inference ran as the concurrent calls asked for."""
+def _bench_synthetic(*extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--dataset", "synthetic",
-       "--steps", "1", "--infer-batch", "64", "--infer-calls", "2", "--json"],
+       "--steps", "1", "--infer-batch", "64", "--infer-calls", "2", "--json", *extra],
       capture_output=True, text=True, env=env, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  result = json.loads(proc.stdout)
+  return json.loads(proc.stdout)
+
+
+def test_bench_json_on_the_synthetic_dataset(tmp_path):
+  """Fresh worker processes at the synthetic dataset's real shapes: every promised key is a
+  positive number, and inference ran as the concurrent calls asked for. Run twice with one
+  compile cache: the first start is cold, the second hits the cache."""
+  cache = str(tmp_path / "xla")
+  result = _bench_synthetic("--compile-cache", cache)
   row = result["per_dataset"]["synthetic"]
   assert set(bench.KEYS) <= set(row)
   assert all(row[k] > 0 for k in ("teacher_step_s", "student_step_s", "infer_patches_per_s",
@@ -29,6 +35,9 @@ def test_bench_json_on_the_synthetic_dataset():
   assert row["compile_s"] >= 0
   (full,) = result["results"]
   assert full["infer_calls"] == 2 and full["infer_batch"] == 64
+  assert row["compile_cache_warm"] is False
+  assert _bench_synthetic("--compile-cache", cache)["per_dataset"]["synthetic"][
+      "compile_cache_warm"] is True
 
 
 def test_bench_rejects_bad_counts(capsys):
