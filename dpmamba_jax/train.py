@@ -398,29 +398,37 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
     state = steps.replicate(state, mesh)
     cubes, z = steps.replicate((rd.cubes, rd.z), mesh)
     to_device = lambda a: steps.shard_batch(a, mesh)
+  train_idx = rd.split.train_idx.astype(np.int32)
+  log(f"{stage}: {epochs} epochs x {sampler.steps} steps of {sampler.batch_size} "
+      f"(lr {oc.lr:g}, warmup {oc.warmup_steps} steps from {oc.warmup_init:.3g}, cosine to "
+      f"{oc.lr_min:.3g}, betas ({oc.b1}, {oc.b2}), wd {oc.weight_decay}, clip {oc.grad_clip})")
+  t0 = time.time()
   if stage == "pretrain":
     step_fn = steps.make_teacher_step(graphdef, tx, sched, **common)
-    run = lambda st, idx, lab: step_fn(st, cubes, z, idx, lab)
+    run = lambda st, rows: step_fn(st, cubes, z, to_device(train_idx[rows]),
+                                   to_device(rd.train_labels[rows]))
   else:
     t_graphdef, t_params, t_rest = steps.split_model(teacher)
     if mesh is not None:
       t_params, t_rest = steps.replicate((t_params, t_rest), mesh)
-    step_fn = steps.make_student_step(graphdef, t_graphdef, tx, sched,
-                                      num_modalities=spec.num_modalities,
+    # The frozen teacher sees complete inputs in eval mode, so its features of the training
+    # pixels are the same on every step: computed once here (inside the stage's wall time)
+    # instead of a teacher forward per step.
+    features = steps.make_teacher_features(t_graphdef, batch_size=sampler.batch_size, **common)
+    teacher_feats = features((t_params, t_rest), cubes, train_idx)  # (N_train, D)
+    log(f"{stage}: the frozen teacher's features of the {train_idx.size} training pixels "
+        f"computed once ({time.time() - t0:.1f} s)")
+    step_fn = steps.make_student_step(graphdef, tx, sched, num_modalities=spec.num_modalities,
                                       batch_size=sampler.batch_size, distill=cfg.distill, **common)
-    run = lambda st, idx, lab: step_fn(st, (t_params, t_rest), cubes, z, idx, lab)
-  log(f"{stage}: {epochs} epochs x {sampler.steps} steps of {sampler.batch_size} "
-      f"(lr {oc.lr:g}, warmup {oc.warmup_steps} steps from {oc.warmup_init:.3g}, cosine to "
-      f"{oc.lr_min:.3g}, betas ({oc.b1}, {oc.b2}), wd {oc.weight_decay}, clip {oc.grad_clip})")
-  train_idx = rd.split.train_idx.astype(np.int32)
-  t0 = time.time()
+    run = lambda st, rows: step_fn(st, to_device(teacher_feats[rows]), cubes, z,
+                                   to_device(train_idx[rows]), to_device(rd.train_labels[rows]))
   window: list = []
   bar = tqdm(total=epochs, initial=start, desc=stage, unit="epoch", mininterval=1.0,
              file=sys.stderr, dynamic_ncols=True, disable=log.quiet)
   for epoch in range(start, epochs):
     batches = sampler.epoch(epoch)  # (steps, B) indices into the train set
-    for b in batches:
-      state, m = run(state, to_device(train_idx[b]), to_device(rd.train_labels[b]))
+    for rows in batches:
+      state, m = run(state, rows)
       window.append(m)
     jax.block_until_ready(m)  # so that the progress bar and its ETA follow the computation
     bar.update(1)

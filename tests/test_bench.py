@@ -35,6 +35,7 @@ def test_bench_json_on_the_synthetic_dataset(tmp_path):
   assert row["compile_s"] >= 0
   (full,) = result["results"]
   assert full["infer_calls"] == 2 and full["infer_batch"] == 64
+  assert full["teacher_features_s"] > 0 and full["teacher_features_pixels"] > 0
   assert row["compile_cache_warm"] is False
   assert _bench_synthetic("--compile-cache", cache)["per_dataset"]["synthetic"][
       "compile_cache_warm"] is True

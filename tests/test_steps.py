@@ -122,16 +122,38 @@ def test_student_step_trains_prompts_not_teacher(setup):
   t_before = _leaves((t_params, t_rest))
   tx, sched = steps.make_optimizer(s["oc"])
   graphdef, state = steps.init_train_state(student, tx, jax.random.PRNGKey(0))
-  step = steps.make_student_step(graphdef, t_graphdef, tx, sched, width=W, patch_size=P,
+  step = steps.make_student_step(graphdef, tx, sched, width=W, patch_size=P,
                                  num_modalities=2, batch_size=C * K)
+  features = steps.make_teacher_features(t_graphdef, width=W, patch_size=P, batch_size=C * K)
+  feats = features((t_params, t_rest), s["padded"], s["idx"])
   for _ in range(2):
-    state, m = step(state, (t_params, t_rest), s["padded"], s["z"], s["idx"], s["labels"])
+    state, m = step(state, feats, s["padded"], s["z"], s["idx"], s["labels"])
   assert step._cache_size() == 1
   assert set(m) >= {"clip", "relation", "feature", "tbd", "loss", "train_oa"}
   for a, b in zip(t_before, _leaves((t_params, t_rest))):
     np.testing.assert_array_equal(a, b)  # frozen teacher untouched
   prompts1 = _leaves(state.params["prompts"])
   assert all(not np.allclose(a, b) for a, b in zip(prompts0, prompts1))  # wd = 0: gradients
+
+
+def test_teacher_features_are_its_eval_forward_row_by_row(setup):
+  s = setup
+  teacher = model_lib.DPMamba(s["cfg"], rngs=nnx.Rngs(0))
+  xs = steps.gather_batch(s["padded"], s["idx"], W, P)
+  teacher(xs, None, train=True)  # running BatchNorm statistics away from their init
+  want = np.asarray(teacher(xs, None, train=False))  # (12, D): all pixels in one batch
+  t_graphdef, t_params, t_rest = steps.split_model(teacher)
+  features = steps.make_teacher_features(t_graphdef, width=W, patch_size=P, batch_size=5)
+  feats = features((t_params, t_rest), s["padded"], s["idx"])  # batches of 5, the last padded
+  chex.assert_shape(feats, (C * K, s["cfg"].out_dim))
+  chex.assert_trees_all_close(feats, want, atol=1e-5, rtol=1e-5)
+  reordered = features((t_params, t_rest), s["padded"], np.asarray(s["idx"])[::-1])
+  chex.assert_trees_all_close(reordered, want[::-1], atol=1e-5, rtol=1e-5)
+  assert features.jitted._cache_size() == 1  # one batch shape, the padded last batch included
+  # eval mode: the train-mode forward (batch statistics) gives other features
+  assert not np.allclose(np.asarray(teacher(xs, None, train=True)), want, atol=1e-3)
+  with pytest.raises(ValueError, match="no pixel"):
+    features((t_params, t_rest), s["padded"], np.zeros((0,), np.int32))
 
 
 def test_predict_step_masks_are_an_input(setup):
@@ -235,8 +257,9 @@ def test_student_step_three_modalities():
   tx, sched = steps.make_optimizer(steps.OptimConfig(lr=1e-3, warmup_init=1e-3, lr_min=1e-3,
                                                      warmup_steps=0, total_steps=10))
   graphdef, state = steps.init_train_state(student, tx, jax.random.PRNGKey(0))
-  step = steps.make_student_step(graphdef, t_graphdef, tx, sched, width=W, patch_size=P,
+  step = steps.make_student_step(graphdef, tx, sched, width=W, patch_size=P,
                                  num_modalities=3, batch_size=7 * C)
-  state, m = step(state, (t_params, t_rest), cubes, z, idx, labels)
+  features = steps.make_teacher_features(t_graphdef, width=W, patch_size=P, batch_size=7 * C)
+  state, m = step(state, features((t_params, t_rest), cubes, idx), cubes, z, idx, labels)
   assert np.isfinite(float(m["loss"])) and int(state.step) == 1
   assert len(state.params["prompts"]) == 3
