@@ -395,11 +395,14 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     to_heads, to_states = _coefficient_sum_matrices(*states.shape[3:])
 
     def back_step(carry, t, h_t, h_prev):
-      lam_next, g_u = carry  # decay_{t+1} lam_{t+1}: (K, B, R, Dh, N); (L, B, D)
+      # lam_{t+1} (K, B, R, Dh, N) and decay_{t+1} (K, B, R, 1, 1), not their product: carrying
+      # decay_{t+1} lam_{t+1} made XLA copy the carry on every step (four fusions recomputed lam
+      # from it while the next carry was written in place); now lam is one fusion's output.
+      lam_next, a_next, g_u = carry
       tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
       x_t = split_heads(u_tm[tok], r_heads)  # (K, B, R, Dh, 1)
       g_y = split_heads(g_out[tok], r_heads)
-      lam = g_y * c + lam_next  # dL/dh_t
+      lam = g_y * c + a_next * lam_next  # dL/dh_t
       g_x = (lam * delta * b).sum(-1)  # (K, B, R, Dh)
       g_u = g_u.at[tok].add(g_x.reshape(k_dirs, bsz, dim))
       # d decay, d dt (K, B, R), d b_in, d c_out (K, B, N) as two matmuls with 0/1 matrices, one
@@ -411,7 +414,7 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       per_head = flat_pair(lam * h_prev, lam * b * x_t) @ to_heads  # (2, K B, R)
       per_state = flat_pair(lam * delta * x_t, g_y * h_t) @ to_states  # (2, K B, N)
       g_coef = jnp.concatenate([per_head[0], per_head[1], per_state[0], per_state[1]], -1)
-      return (lam * a, g_u), g_coef.reshape(k_dirs, bsz, -1)  # (K, B, 2R + 2N)
+      return (lam, a, g_u), g_coef.reshape(k_dirs, bsz, -1)  # (K, B, 2R + 2N)
 
     def back_through(carry, steps, hs, h_start):
       """The backward over `steps` given their states hs (S, ...) and the state before them."""
@@ -429,11 +432,12 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       return back_through(carry, steps, jax.lax.scan(recompute, h_start, steps)[1], h_start)
 
     # the skip term's gradients need no path order: every direction visits every token once
-    init = (jnp.zeros_like(states[0]), g_out * d_skip.sum(0))
+    init = (jnp.zeros_like(states[0]), jnp.zeros(states.shape[1:4] + (1, 1), states.dtype),
+            g_out * d_skip.sum(0))
     if states.shape[0] == length:  # every step's state kept (fwd never segments with S == 1)
-      (_, g_u), g_coefs = back_through(init, np.arange(length), states, jnp.zeros_like(states[0]))
+      (_, _, g_u), g_coefs = back_through(init, np.arange(length), states, jnp.zeros_like(states[0]))
     else:
-      (_, g_u), g_coefs = jax.lax.scan(segment, init, (seg_steps, states), reverse=True)
+      (_, _, g_u), g_coefs = jax.lax.scan(segment, init, (seg_steps, states), reverse=True)
       g_coefs = g_coefs.reshape((length,) + g_coefs.shape[2:])  # (T, K, B, 2R + 2N)
     # per-step (T, K, B, .) -> per-token (L, B, K, .): token l of direction k was step inv[k, l]
     g_coefs = jnp.swapaxes(g_coefs[inv_t, dirs[None, :]], 1, 2)
