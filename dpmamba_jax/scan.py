@@ -435,7 +435,8 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     init = (jnp.zeros_like(states[0]), jnp.zeros(states.shape[1:4] + (1, 1), states.dtype),
             g_out * d_skip.sum(0))
     if states.shape[0] == length:  # every step's state kept (fwd never segments with S == 1)
-      (_, _, g_u), g_coefs = back_through(init, np.arange(length), states, jnp.zeros_like(states[0]))
+      (_, _, g_u), g_coefs = back_through(init, np.arange(length), states,
+                                          jnp.zeros_like(states[0]))
     else:
       (_, _, g_u), g_coefs = jax.lax.scan(segment, init, (seg_steps, states), reverse=True)
       g_coefs = g_coefs.reshape((length,) + g_coefs.shape[2:])  # (T, K, B, 2R + 2N)

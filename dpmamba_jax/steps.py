@@ -4,8 +4,9 @@ The model is split once (`nnx.split`) into a static graphdef and a pytree state;
 it back inside `jax.jit`. The train state is a pytree (params, batch_stats, opt_state, step, rng)
 that is donated to the step. The per-modality padded scene cubes live on the device and every
 step gathers its batch's patches from flat pixel indices, so the host sends only (B,) indices
-and (B,) labels per step (and to the student step the frozen teacher's (B, D) features of those
-pixels, computed once per distillation by `make_teacher_features`).
+and (B,) labels per step (and to the student step the (B,) rows of those pixels in the frozen
+teacher's features of the training set, computed and placed once per distillation by
+`make_teacher_features`).
 
 Data parallelism: with `mesh` (a 1-D `("data",)` mesh from `data_parallel_mesh`) the steps are
 jitted with the batch arguments sharded over the mesh and everything else (parameters, optimiser
@@ -208,7 +209,7 @@ def make_teacher_features(teacher_graphdef, *, width: int, patch_size: int, batc
   The batches are `batch_size` pixels (the last one padded with repeats of its last pixel), so
   the program is the student step's batch shape. In eval mode every sample's features are its
   own (running BatchNorm statistics, no dropout), so row i equals what the teacher gives pixel
-  idx[i] inside any batch, up to float rounding: the student step takes its batch's rows
+  idx[i] inside any batch, up to float rounding: the student step gathers its batch's rows
   instead of running the teacher forward on every step (on a 2-core CPU that forward is ~17 %
   of an Augsburg or Houston student step). With `mesh` the batches are sharded over its "data"
   axis and the teacher and cubes must be replicated on it.
@@ -242,20 +243,21 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, schedule: opta
                       distill: str = "tbd", mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Jitted distillation step.
 
-  step(state, teacher_feats, cubes, z, idx, labels) -> (state, metrics)
-    teacher_feats: (B, D) the frozen teacher's eval-mode features of the batch's pixels, from
-    `make_teacher_features` (computed once per run: the teacher never changes and sees complete
-    inputs); the student runs in train mode with masks from `sample_masks` (every non-empty
-    subset, tiled and shuffled). All student params (backbone, head, prompts) are updated. The
-    state argument is donated. With `mesh`, teacher_feats, idx and labels are sharded over its
-    "data" axis and the rest replicated.
+  step(state, teacher_feats, cubes, z, rows, idx, labels) -> (state, metrics)
+    teacher_feats: (N, D) the frozen teacher's eval-mode features of the training pixels, from
+    `make_teacher_features` (computed once per stage and left on the device: the teacher never
+    changes and sees complete inputs); rows: (B,) int32 the batch's rows in it (idx = the
+    training pixels at rows). The student runs in train mode with masks from `sample_masks`
+    (every non-empty subset, tiled and shuffled). All student params (backbone, head, prompts)
+    are updated. The state argument is donated. With `mesh`, rows, idx and labels are sharded
+    over its "data" axis and the rest replicated (teacher_feats included).
   """
   from dpmamba_jax import losses
 
-  def step(state: TrainState, teacher_feats, cubes, z, idx, labels):
+  def step(state: TrainState, teacher_feats, cubes, z, rows, idx, labels):
     rng, drop_key, mask_key = jax.random.split(state.rng, 3)
     xs = gather_batch(cubes, idx, width, patch_size)
-    v_t = jax.lax.stop_gradient(teacher_feats.astype(jnp.float32))  # (B, D)
+    v_t = jax.lax.stop_gradient(jnp.take(teacher_feats, rows, axis=0))  # (B, D)
     mask = masks_lib.sample_masks(mask_key, batch_size, num_modalities)  # (B, M)
 
     def loss_fn(params):
@@ -271,7 +273,7 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, schedule: opta
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
   rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
-  return jax.jit(step, donate_argnums=0, in_shardings=(rep, dat, rep, rep, dat, dat),
+  return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, rep, rep, dat, dat, dat),
                  out_shardings=(rep, rep))
 
 

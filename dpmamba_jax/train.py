@@ -415,12 +415,15 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
     # pixels are the same on every step: computed once here (inside the stage's wall time)
     # instead of a teacher forward per step.
     features = steps.make_teacher_features(t_graphdef, batch_size=sampler.batch_size, **common)
-    teacher_feats = features((t_params, t_rest), cubes, train_idx)  # (N_train, D)
+    teacher_feats = features((t_params, t_rest), cubes, train_idx)  # (N_train, D), host
+    # on the device once, like the cubes: a step sends only its (B,) rows into it
+    teacher_feats = (jnp.asarray(teacher_feats) if mesh is None
+                     else steps.replicate(teacher_feats, mesh))
     log(f"{stage}: the frozen teacher's features of the {train_idx.size} training pixels "
         f"computed once ({time.time() - t0:.1f} s)")
     step_fn = steps.make_student_step(graphdef, tx, sched, num_modalities=spec.num_modalities,
                                       batch_size=sampler.batch_size, distill=cfg.distill, **common)
-    run = lambda st, rows: step_fn(st, to_device(teacher_feats[rows]), cubes, z,
+    run = lambda st, rows: step_fn(st, teacher_feats, cubes, z, to_device(rows.astype(np.int32)),
                                    to_device(train_idx[rows]), to_device(rd.train_labels[rows]))
   window: list = []
   bar = tqdm(total=epochs, initial=start, desc=stage, unit="epoch", mininterval=1.0,

@@ -102,8 +102,10 @@ def _worker() -> dict:
       rep((t_params, t_rest)), rep(cubes), idx)
   close(feats1, featsn)
   u1, u2 = copy(sstate0), rep(copy(sstate0))
-  u1, n1 = sstep1(u1, jnp.asarray(feats1), cubes, z, jnp.asarray(idx), jnp.asarray(labels))
-  u2, n2 = sstepn(u2, shard(featsn), rep(cubes), rep(z), shard(idx), shard(labels))
+  rows = np.arange(b, dtype=np.int32)
+  u1, n1 = sstep1(u1, jnp.asarray(feats1), cubes, z, jnp.asarray(rows), jnp.asarray(idx),
+                  jnp.asarray(labels))
+  u2, n2 = sstepn(u2, rep(featsn), rep(cubes), rep(z), shard(rows), shard(idx), shard(labels))
   close(jax.device_get(n1), jax.device_get(n2))
   close(jax.device_get(u1), jax.device_get(u2))
   student_devices = len(n2["loss"].sharding.device_set)

@@ -125,9 +125,11 @@ def test_student_step_trains_prompts_not_teacher(setup):
   step = steps.make_student_step(graphdef, tx, sched, width=W, patch_size=P,
                                  num_modalities=2, batch_size=C * K)
   features = steps.make_teacher_features(t_graphdef, width=W, patch_size=P, batch_size=C * K)
-  feats = features((t_params, t_rest), s["padded"], s["idx"])
+  # the table in reverse pixel order: the step must take its rows, not its first B entries
+  feats = jnp.asarray(features((t_params, t_rest), s["padded"], np.asarray(s["idx"])[::-1]))
+  rows = jnp.arange(C * K - 1, -1, -1, dtype=jnp.int32)
   for _ in range(2):
-    state, m = step(state, feats, s["padded"], s["z"], s["idx"], s["labels"])
+    state, m = step(state, feats, s["padded"], s["z"], rows, s["idx"], s["labels"])
   assert step._cache_size() == 1
   assert set(m) >= {"clip", "relation", "feature", "tbd", "loss", "train_oa"}
   for a, b in zip(t_before, _leaves((t_params, t_rest))):
@@ -260,6 +262,7 @@ def test_student_step_three_modalities():
   step = steps.make_student_step(graphdef, tx, sched, width=W, patch_size=P,
                                  num_modalities=3, batch_size=7 * C)
   features = steps.make_teacher_features(t_graphdef, width=W, patch_size=P, batch_size=7 * C)
-  state, m = step(state, features((t_params, t_rest), cubes, idx), cubes, z, idx, labels)
+  feats = jnp.asarray(features((t_params, t_rest), cubes, idx))
+  state, m = step(state, feats, cubes, z, jnp.arange(7 * C, dtype=jnp.int32), idx, labels)
   assert np.isfinite(float(m["loss"])) and int(state.step) == 1
   assert len(state.params["prompts"]) == 3

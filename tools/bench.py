@@ -69,6 +69,7 @@ from typing import Sequence
 import numpy as np
 
 from dpmamba_jax import errors
+from dpmamba_jax import fileio
 from dpmamba_jax import train
 
 DEFAULT_SCENES = {"trento": (166, 600), "houston": (349, 1905), "augsburg": (332, 485)}
@@ -253,11 +254,12 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   train_pixels = rng.integers(0, h * w, n_train).astype(np.int32)
   env.teacher_features(frozen, cubes, train_pixels)  # compiles
   teacher_features_s = _times(lambda: env.teacher_features(frozen, cubes, train_pixels), 2)[1]
-  teacher_feats = jnp.asarray(env.teacher_features(frozen, cubes, idx))  # (B, D)
+  teacher_feats = jnp.asarray(env.teacher_features(frozen, cubes, idx))  # (B, D): idx's
+  rows = jnp.arange(bsz, dtype=jnp.int32)
   box["s"] = env.s_state
 
   def student_once():
-    box["s"], m = s_step(box["s"], teacher_feats, cubes, z, idx, labels)
+    box["s"], m = s_step(box["s"], teacher_feats, cubes, z, rows, idx, labels)
     jax.block_until_ready(m)
 
   student_once()
@@ -267,7 +269,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   def student_10():
     m = None
     for _ in range(10):
-      box["s"], m = s_step(box["s"], teacher_feats, cubes, z, idx, labels)
+      box["s"], m = s_step(box["s"], teacher_feats, cubes, z, rows, idx, labels)
     jax.block_until_ready(m)
 
   # On a CPU the steps run one after the other anyway (and 20 more would take ~20 s).
@@ -356,7 +358,8 @@ def format_table(rows: list[dict]) -> str:
     lines.append(f"| {r['dataset']} | {impl} | {r['teacher_step_s']:.3f} "
                  f"({r['teacher_step_min_s']:.3f}) | {r['student_step_s']:.3f} "
                  f"({r['student_step_min_s']:.3f}) | {r['infer_patches_per_s']:.0f} | "
-                 f"{r['teacher_features_s']:.3f} | {r['infer_prepare_s']:.3f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                 f"{r['teacher_features_s']:.3f} | {r['infer_prepare_s']:.3f} | "
+                 f"{r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} |")
   return "\n".join(lines)
 
 
@@ -418,10 +421,7 @@ def main(argv=None) -> int:
             "per_dataset": per_dataset, "against_authors": against_authors(per_dataset)}
   text = json.dumps(result, indent=1)
   if args.out:
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, args.out)
+    fileio.write_text(args.out, text + "\n")  # atomic
   if args.json:
     print(text)
   else:

@@ -137,10 +137,12 @@ def run(dataset: str, step: str, batch: int, n_steps: int, dump_dir: str,
       box["t"], m = env.t_step(box["t"], env.cubes, env.z, env.idx, env.labels)
       jax.block_until_ready(m)
   elif step == "student":  # the teacher's features are an input, as training runs it
-    teacher_feats = jnp.asarray(env.teacher_features(frozen, env.cubes, env.idx))
+    teacher_feats = jnp.asarray(env.teacher_features(frozen, env.cubes, env.idx))  # idx's rows
+    rows = jnp.arange(env.idx.shape[0], dtype=jnp.int32)
 
     def once():
-      box["s"], m = env.s_step(box["s"], teacher_feats, env.cubes, env.z, env.idx, env.labels)
+      box["s"], m = env.s_step(box["s"], teacher_feats, env.cubes, env.z, rows, env.idx,
+                               env.labels)
       jax.block_until_ready(m)
   else:
     idx = jnp.asarray(env.rng.integers(0, h * w, batch).astype(np.int32))
