@@ -56,9 +56,10 @@ def _run_pair(workdir: str, *extra: str) -> list[str]:
   return outs
 
 
-# Gloo's own connection messages. Its threads write the "[Gloo] Rank " prefix and the rest of a
-# message separately, so with several ranks the pieces can interleave across lines.
-_GLOO_PIECES = re.compile(r"\[Gloo\] Rank |\d+ is connected to \d+ peer ranks\. "
+# Gloo's own connection messages. Its threads write a message in pieces ("[Gloo] Rank ",
+# "3 is connected to ", "3 peer ranks. Expected ... : 3"), so with several ranks the pieces
+# can interleave across lines; each piece is removed on its own.
+_GLOO_PIECES = re.compile(r"\[Gloo\] Rank |\d+ is connected to |\d+ peer ranks\. "
                           r"Expected number of connected peer ranks is : \d+")
 
 
