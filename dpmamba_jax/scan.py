@@ -285,13 +285,11 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
   return recurrence(u_flat, decay, dt, b_in, c_out, d_skip.astype(f32)).reshape(length, bsz, dim)
 
 
-def _coefficient_sum_matrices(r_heads: int, head_dim: int, n_state: int):
-  """0/1 matrices that sum an (R, Dh, N) product, flattened, per head: (R Dh N, R), and per
-  state: (R Dh N, N)."""
+def _head_state_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.ndarray:
+  """0/1 matrix (R Dh N, R N) that sums a flattened (R, Dh, N) product over Dh."""
   f32 = np.float32
-  to_heads = np.kron(np.eye(r_heads, dtype=f32), np.ones((head_dim * n_state, 1), f32))
-  to_states = np.kron(np.ones((r_heads * head_dim, 1), f32), np.eye(n_state, dtype=f32))
-  return to_heads, to_states
+  return np.kron(np.kron(np.eye(r_heads, dtype=f32), np.ones((head_dim, 1), f32)),
+                 np.eye(n_state, dtype=f32))
 
 
 # The recurrent scan's VJP keeps every step's state up to this many bytes per scan; above it,
@@ -392,7 +390,8 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     u_tm = u_flat.reshape(length, bsz, dim)
     g_out = g_out.reshape(length, bsz, dim)
     r_heads = decay.shape[-1]
-    to_heads, to_states = _coefficient_sum_matrices(*states.shape[3:])
+    k_r_n = (k_dirs, bsz, r_heads, b_in.shape[-1])
+    to_head_state = _head_state_sum_matrix(*states.shape[3:])
 
     def back_step(carry, t, h_t, h_prev):
       # lam_{t+1} (K, B, R, Dh, N) and decay_{t+1} (K, B, R, 1, 1), not their product: carrying
@@ -405,16 +404,16 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       lam = g_y * c + a_next * lam_next  # dL/dh_t
       g_x = (lam * delta * b).sum(-1)  # (K, B, R, Dh)
       g_u = g_u.at[tok].add(g_x.reshape(k_dirs, bsz, dim))
-      # d decay, d dt (K, B, R), d b_in, d c_out (K, B, N) as two matmuls with 0/1 matrices, one
-      # per pair: as four sums XLA:CPU emits them inside the loop as scalar code (~100 ms of a
-      # Trento teacher step); one block-diagonal matrix for all four did 2.5x the multiply-adds
-      # (~75 us of a ~180 us step at Houston's shapes). One packed output is one
-      # dynamic-update-slice per step instead of four.
-      flat_pair = lambda p, q: jnp.stack([p, q]).reshape(2, k_dirs * bsz, -1)
-      per_head = flat_pair(lam * h_prev, lam * b * x_t) @ to_heads  # (2, K B, R)
-      per_state = flat_pair(lam * delta * x_t, g_y * h_t) @ to_states  # (2, K B, N)
-      g_coef = jnp.concatenate([per_head[0], per_head[1], per_state[0], per_state[1]], -1)
-      return (lam, a, g_u), g_coef.reshape(k_dirs, bsz, -1)  # (K, B, 2R + 2N)
+      # d decay, d dt (K, B, R), d b_in, d c_out (K, B, N) from three sums over Dh, of lam h_prev,
+      # lam x and g_y h, as one matmul with a 0/1 matrix (as plain sums XLA:CPU emits them inside
+      # the loop as scalar code, ~100 ms of a Trento teacher step); d dt and d b_in both come
+      # from the second, weighted by b and by delta. Four products in two stacks and matmuls
+      # (one per pair) wrote a third more per step.
+      sums = (jnp.stack([lam * h_prev, lam * x_t, g_y * h_t]).reshape(3, k_dirs * bsz, -1)
+              @ to_head_state).reshape((3,) + k_r_n)  # (3, K, B, R, N)
+      g_coef = jnp.concatenate([sums[0].sum(-1), (sums[1] * b[:, :, :, 0]).sum(-1),
+                                (sums[1] * delta[..., 0]).sum(-2), sums[2].sum(-2)], -1)
+      return (lam, a, g_u), g_coef  # (K, B, 2R + 2N)
 
     def back_through(carry, steps, hs, h_start):
       """The backward over `steps` given their states hs (S, ...) and the state before them."""
