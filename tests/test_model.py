@@ -299,9 +299,10 @@ def test_attention_fusion_weights():
 def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch):
   """Conv3x3's forms of a (grouped) conv give lax.conv's values and kernel gradients.
 
-  groups 1: a lax conv (CPU) or an im2col matmul (GPU); 4, 8: shifted multiply-adds whose kernel
-  gradient is chunked dense convs (CPU) or per-tap reductions (GPU). gpu_forms runs the GPU
-  forms here by listing the CPU backend for them.
+  groups 1: a lax conv whose kernel gradient is per-tap matmuls (CPU) or an im2col matmul (GPU);
+  4, 8: shifted multiply-adds whose kernel gradient is chunked dense convs (CPU) or per-tap
+  reductions (GPU). gpu_forms runs the GPU forms here by listing the CPU backend for them. The
+  input gradients too.
   """
   from dpmamba_jax import model as model_lib
   if gpu_forms:
@@ -316,11 +317,13 @@ def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch
   with jax.default_matmul_precision("highest"):
     np.testing.assert_allclose(conv(to_layout(x), layout),
                                to_layout(ref(conv.kernel[...], x) + conv.bias[...]), atol=1e-5)
-    g_ref = jax.jit(jax.grad(lambda k: jnp.sum(jnp.sin(ref(k, x)))))(conv.kernel[...])
+    g_ref, gx_ref = jax.jit(jax.grad(lambda k, x: jnp.sum(jnp.sin(ref(k, x))), argnums=(0, 1)))(
+        conv.kernel[...], x)
     gd, params = nnx.split(conv)
-    g_mine = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(
-        nnx.merge(gd, p)(to_layout(x), layout) - conv.bias[...]))))(params)
+    g_mine, gx_mine = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(
+        nnx.merge(gd, p)(to_layout(x), layout) - conv.bias[...])), argnums=(0, 1)))(params, x)
   np.testing.assert_allclose(g_mine["kernel"][...], g_ref, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(gx_mine, gx_ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("p", [1, 4, 5])
