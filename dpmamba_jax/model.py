@@ -348,10 +348,10 @@ def _dense_conv3x3_tap_grad_fwd(x, kernel, layout):
 
 
 def _dense_conv3x3_tap_grad_bwd(layout, res, g):
-  # d/dx: the conv of g with the flipped kernel, in and out channels swapped (XLA drops it when
-  # x is data, as for the embedding convs)
+  # d/dx: the conv of g with the flipped, transposed kernel (XLA drops it when x is data, as for
+  # the embedding convs)
   x, kernel = res
-  dx = _dense_conv3x3(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), layout)
+  dx = _dense_conv3x3(g, _transposed_group_kernel(kernel, 1), layout)
   return dx, _tap_kernel_grad(x, g, layout)
 
 

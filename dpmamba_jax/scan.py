@@ -390,7 +390,6 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
     u_tm = u_flat.reshape(length, bsz, dim)
     g_out = g_out.reshape(length, bsz, dim)
     r_heads = decay.shape[-1]
-    k_r_n = (k_dirs, bsz, r_heads, b_in.shape[-1])
     to_head_state = _head_state_sum_matrix(*states.shape[3:])
 
     def back_step(carry, t, h_t, h_prev):
@@ -410,9 +409,10 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       # from the second, weighted by b and by delta. Four products in two stacks and matmuls
       # (one per pair) wrote a third more per step.
       sums = (jnp.stack([lam * h_prev, lam * x_t, g_y * h_t]).reshape(3, k_dirs * bsz, -1)
-              @ to_head_state).reshape((3,) + k_r_n)  # (3, K, B, R, N)
-      g_coef = jnp.concatenate([sums[0].sum(-1), (sums[1] * b[:, :, :, 0]).sum(-1),
-                                (sums[1] * delta[..., 0]).sum(-2), sums[2].sum(-2)], -1)
+              @ to_head_state).reshape(3, k_dirs, bsz, r_heads, -1)  # (3, K, B, R, N)
+      b_n, delta_r = b[:, :, :, 0], delta[..., 0]  # (K, B, 1, N), (K, B, R, 1)
+      g_coef = jnp.concatenate([sums[0].sum(-1), (sums[1] * b_n).sum(-1),
+                                (sums[1] * delta_r).sum(-2), sums[2].sum(-2)], -1)
       return (lam, a, g_u), g_coef  # (K, B, 2R + 2N)
 
     def back_through(carry, steps, hs, h_start):
