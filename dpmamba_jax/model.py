@@ -238,10 +238,15 @@ def _pad_hw(x: jax.Array, layout: str) -> jax.Array:
   return jnp.pad(x, pad)
 
 
-def _hw_window(xp: jax.Array, dy: int, dx: int, h: int, w: int, layout: str) -> jax.Array:
-  """The (h, w) spatial window at offset (dy, dx) of a `_pad_hw`-padded array."""
+def _hw_window(xp: jax.Array, dy, dx, h: int, w: int, layout: str) -> jax.Array:
+  """The (h, w) spatial window at offset (dy, dx) of a `_pad_hw`-padded array. Offsets are ints
+  (static slices) or traced scalars (dynamic slices, e.g. in a loop over the taps)."""
   ay, ax = _SPATIAL_AXES[layout]
-  return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, dy, dy + h, axis=ay), dx, dx + w, axis=ax)
+  if isinstance(dy, int) and isinstance(dx, int):
+    return jax.lax.slice_in_dim(jax.lax.slice_in_dim(xp, dy, dy + h, axis=ay), dx, dx + w,
+                                axis=ax)
+  return jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(xp, dy, h, axis=ay), dx, w,
+                                      axis=ax)
 
 
 # Backends where a dense 3x3 conv runs as one (tokens, 9 cin) x (9 cin, cout) matmul instead of
@@ -323,14 +328,12 @@ def _tap_kernel_grad(x: jax.Array, g: jax.Array, layout: str) -> jax.Array:
   """d(sum(g * dense_conv3x3(x, kernel)))/d kernel, (3, 3, cin, cout), one matmul per tap:
   (cin, tokens) @ (tokens, cout) of the shifted input window and the output gradient."""
   ay, ax = _SPATIAL_AXES[layout]
-  cin, cout = x.shape[-1], g.shape[-1]
+  h, w, cin, cout = x.shape[ay], x.shape[ax], x.shape[-1], g.shape[-1]
   xp = _pad_hw(x, layout)
   g_tokens = g.reshape(-1, cout)  # same token order as every window's reshape
 
   def tap(_, offset):  # a loop over the taps: one (tokens, cin) window copy alive at a time
-    start = [0] * x.ndim
-    start[ay], start[ax] = offset[0], offset[1]
-    window = jax.lax.dynamic_slice(xp, start, x.shape)
+    window = _hw_window(xp, offset[0], offset[1], h, w, layout)
     return None, window.reshape(-1, cin).T @ g_tokens
 
   offsets = jnp.asarray([(dy, dx) for dy in range(3) for dx in range(3)], jnp.int32)
