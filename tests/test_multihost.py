@@ -57,10 +57,10 @@ def _run_pair(workdir: str, *extra: str) -> list[str]:
 
 
 # Gloo's own connection messages. Its threads write a message in pieces ("[Gloo] Rank ",
-# "3 is connected to ", "3 peer ranks. Expected ... : 3"), so with several ranks the pieces
-# can interleave across lines; each piece is removed on its own.
-_GLOO_PIECES = re.compile(r"\[Gloo\] Rank |\d+ is connected to |\d+ peer ranks\. "
-                          r"Expected number of connected peer ranks is : \d+")
+# "3 is connected to ", "3 peer ranks. ", "Expected ... : 3"), so with several ranks the
+# pieces can interleave across lines; each piece is removed on its own.
+_GLOO_PIECES = re.compile(r"\[Gloo\] Rank |\d+ is connected to |\d+ peer ranks\. ?"
+                          r"|Expected number of connected peer ranks is : \d+")
 
 
 def _not_gloo(out: str) -> str:
