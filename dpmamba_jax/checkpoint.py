@@ -2,7 +2,7 @@
 
 Layout of a model checkpoint directory (`save_model`):
   state/   the model's whole nnx state (params, BatchNorm statistics), orbax StandardSave
-  config/  ModelConfig as JSON
+  config/  ModelConfig as JSON, without its run-time fields (network.RUNTIME_FIELDS: scan_impl)
   meta/    free-form JSON (stage, epochs, wall time, text encoder, ...)
 Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint that looks finished.
@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dpmamba_jax import errors
+from dpmamba_jax.model import network
 
 
 def _abs(path) -> str:
@@ -61,16 +62,20 @@ def save_model(path, model: nnx.Module, cfg, meta: dict | None = None) -> None:
   path = _abs(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   state = nnx.state(model)
+  config = {k: v for k, v in config_to_json(cfg).items() if k not in network.RUNTIME_FIELDS}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(path, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(config_to_json(cfg)),
+        config=ocp.args.JsonSave(config),
         meta=ocp.args.JsonSave(json_ready(dict(meta or {})))), force=True)
 
 
-def load_model(path) -> tuple[nnx.Module, Any, dict]:
-  """Restores (DPMamba, ModelConfig, meta) saved by `save_model`."""
-  from dpmamba_jax import model as model_lib
+def load_model(path, *, scan_impl: str = "auto") -> tuple[nnx.Module, Any, dict]:
+  """Restores (DPMamba, ModelConfig, meta) saved by `save_model`.
+
+  scan_impl: the run-time scan choice of the restored model (a checkpoint written before these
+  fields were left out may still name one; it is ignored).
+  """
   path = _abs(path)
   if not is_model_checkpoint(path):
     raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
@@ -78,8 +83,9 @@ def load_model(path) -> tuple[nnx.Module, Any, dict]:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     head = ckptr.restore(path, args=ocp.args.Composite(
         config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    cfg = config_from_json(model_lib.ModelConfig, dict(head["config"]))
-    abstract = nnx.eval_shape(lambda: model_lib.DPMamba(cfg, rngs=nnx.Rngs(0)))
+    saved = {k: v for k, v in dict(head["config"]).items() if k not in network.RUNTIME_FIELDS}
+    cfg = config_from_json(network.ModelConfig, dict(saved, scan_impl=scan_impl))
+    abstract = nnx.eval_shape(lambda: network.DPMamba(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     restored = ckptr.restore(path, args=ocp.args.Composite(

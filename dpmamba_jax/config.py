@@ -10,8 +10,12 @@ import types
 import typing
 from typing import Any, Optional, Sequence
 
+import yaml
+
 from dpmamba_jax import errors
-from dpmamba_jax import fileio
+from dpmamba_jax.data import datasets
+from dpmamba_jax.data import subsets
+from dpmamba_jax.model import network
 
 STAGES = ("all", "pretrain", "distill")
 NORMALIZE = ("none", "standard")
@@ -54,7 +58,7 @@ class RunConfig:
   betas_distill: Optional[tuple[float, float]] = None
   distill: str = "tbd"                   # tbd (the method) | kl (ablation Variant 1)
   prompts: bool = True                   # student prompts; false = Variant-3 (zero-filled)
-  # Ablations (variants.py); the defaults are the paper's method.
+  # Ablations (model/ablations.py, data/subsets.py); the defaults are the paper's method.
   modalities: Optional[str] = None       # e.g. HSI: train/test on these only (HSI-Net); None = all
   backbone: str = "mamba"                # mamba | vit (Variant-2a)
   fusion: str = "af"                     # af | add (Variant-2b)
@@ -67,7 +71,7 @@ class RunConfig:
   d_state: Optional[int] = None
   heads_per_direction: Optional[int] = None
   af_dropout: Optional[float] = None
-  scan_impl: Optional[str] = None
+  scan_impl: Optional[str] = None        # auto | recurrent | associative: how, not what (resumable)
   # Bookkeeping.
   log_every: int = 10                    # epochs between log lines
   ckpt_every: int = 25                   # epochs between training checkpoints
@@ -160,7 +164,6 @@ def load_config_file(path: str) -> dict:
     if path.endswith(".json"):
       d = json.loads(text)
     else:
-      import yaml
       d = yaml.safe_load(text)
   except Exception as e:  # noqa: BLE001 - any parse error is the user's file
     msg = " ".join(str(e).split())
@@ -185,15 +188,13 @@ def parse_sets(items: Sequence[str]) -> dict:
 
 def resolve(overrides: dict) -> tuple[RunConfig, Any]:
   """Fills every None key from the dataset spec and validates. Returns (config, spec)."""
-  from dpmamba_jax import datasets
   d = dict(overrides)
   spec = datasets.get_spec(d.get("dataset", "synthetic"))
   d["dataset"] = spec.name
   if d.get("modalities"):  # single-modality nets etc.: the spec restricted to these
-    from dpmamba_jax import variants
-    mods = variants.parse_modalities(d["modalities"], spec)
+    mods = subsets.parse_modalities(d["modalities"], spec)
     d["modalities"] = None if mods == spec.modalities else ",".join(mods)
-    spec = variants.restrict_spec(spec, mods)
+    spec = subsets.restrict_spec(spec, mods)
   fill = dict(train_per_class=spec.train_per_class, batch_size=spec.batch_size,
               lr=spec.lr, weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, eps=spec.eps,
               betas_pretrain=tuple(spec.betas_pretrain), betas_distill=tuple(spec.betas_distill),
@@ -268,9 +269,8 @@ def steps_per_epoch(cfg: RunConfig, num_classes: int) -> int:
 
 def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
   """The ModelConfig of this run (bands after PCA, patch size, text width as out_dim)."""
-  from dpmamba_jax import model as model_lib
   if cfg.model == "tiny":
-    base = model_lib.ModelConfig.tiny()
+    base = network.ModelConfig.tiny()
     kw = dict(hidden=base.hidden, depth=base.depth, d_state=base.d_state,
               heads_per_direction=base.heads_per_direction, af_dropout=base.af_dropout,
               scan_impl=base.scan_impl)
@@ -280,17 +280,8 @@ def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
             "backbone", "fusion", "mixer"):
     if getattr(cfg, k) is not None:
       kw[k] = getattr(cfg, k)
-  return model_lib.ModelConfig(bands=tuple(spec.model_bands), patch_size=cfg.patch_size,
+  return network.ModelConfig(bands=tuple(spec.model_bands), patch_size=cfg.patch_size,
                                out_dim=int(out_dim), prompts=prompts, **kw)
-
-
-def save_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (temp file in the same folder, then os.replace)."""
-  fileio.write_json(path, obj)
-
-
-def save_text(path: str, text: str) -> None:
-  fileio.write_text(path, text)
 
 
 def describe(cfg: RunConfig) -> str:

@@ -19,10 +19,22 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
-import numpy as np
+from dpmamba_jax import runtime
 
-from dpmamba_jax import errors
-from dpmamba_jax import masks as masks_lib
+if __name__ == "__main__":  # before the heavy imports below (runtime.py)
+  runtime.reexec_with_hugepage_malloc()
+
+import numpy as np  # noqa: E402
+
+from dpmamba_jax import checkpoint  # noqa: E402
+from dpmamba_jax import config as config_lib  # noqa: E402
+from dpmamba_jax import errors  # noqa: E402
+from dpmamba_jax import fileio  # noqa: E402
+from dpmamba_jax import maps  # noqa: E402
+from dpmamba_jax import masks as masks_lib  # noqa: E402
+from dpmamba_jax import run  # noqa: E402
+from dpmamba_jax.data.preprocessing import labels_at  # noqa: E402
+from dpmamba_jax.predict import Predictor  # noqa: E402
 
 METRIC_KEYS = ("OA", "AA", "kappa")
 
@@ -69,117 +81,7 @@ def scores(conf: np.ndarray) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched inference.
-
-
-def predict_pixels(predict_fn: Callable, params, rest, cubes, z, flat_idx: np.ndarray,
-                   mask_row: np.ndarray | None, num_modalities: int, batch: int = 512, *,
-                   desc: str | None = None) -> np.ndarray:
-  """0-based predictions (N,) for flat pixel indices, in fixed-size batches.
-
-  The last batch is padded with the first index, so every call has the shape (batch,): one
-  compile per model. Patches are gathered on the device inside `predict_fn` (never all in
-  memory): only the (batch,) indices go to the device per batch, and only the (batch,)
-  predictions come back. `mask_row` (M,) or None (complete). A `predict_fn` with a `.mesh`
-  (steps.make_predict_step(..., mesh=...)) runs each batch sharded over the mesh's devices; the
-  model and the cubes are replicated on it once per call. Without a mesh, on a CPU, each batch
-  runs as concurrent sub-batch calls (steps.make_predict_step, CPU_PREDICT_CALLS). The cubes become `prepare_scene`'s
-  input once per call (nothing to do when they are that input already).
-  """
-  import jax
-  import jax.numpy as jnp
-  from tqdm import tqdm
-  flat_idx = np.asarray(flat_idx, np.int32)
-  n = flat_idx.shape[0]
-  if n == 0:
-    return np.zeros((0,), np.int32)
-  row = np.ones((num_modalities,), np.float32) if mask_row is None else np.asarray(mask_row,
-                                                                                     np.float32)
-  mask = jnp.asarray(np.broadcast_to(row, (batch, num_modalities)))
-  mesh = getattr(predict_fn, "mesh", None)
-  to_device = jnp.asarray
-  cubes = prepare_scene(predict_fn, params, rest, cubes)
-  if mesh is not None:
-    from dpmamba_jax import steps
-    params, rest, z = steps.replicate((params, rest, z), mesh)
-    mask = steps.shard_batch(np.broadcast_to(row, (batch, num_modalities)), mesh)
-    to_device = np.asarray  # the sharded fn puts each device's slice straight from the host
-  n_batches = -(-n // batch)
-  out = np.empty((n_batches * batch,), np.int32)
-  padded = np.full((n_batches * batch,), flat_idx[0], np.int32)
-  padded[:n] = flat_idx
-  pending = None
-  bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=desc is None,
-             mininterval=1.0)
-  for i in range(n_batches):
-    pred = predict_fn(params, rest, cubes, z, to_device(padded[i * batch:(i + 1) * batch]), mask)
-    if pending is not None:  # fetch the previous batch while this one runs
-      j, p = pending
-      out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
-      bar.update(1)
-    pending = (i, pred)
-  j, p = pending
-  out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
-  bar.update(1)
-  bar.close()
-  return out[:n]
-
-
-def prepare_scene(predict_fn: Callable, params, rest, cubes):
-  """The scene input `predict_fn` runs from: its `.prepare` (steps.make_predict_step: a wide
-  modality's embedding conv once over the scene) on its mesh's devices, else the cubes. Call it
-  once per model for several `predict_pixels` calls; a prepared scene passes through."""
-  mesh = getattr(predict_fn, "mesh", None)
-  if mesh is not None:
-    from dpmamba_jax import steps
-    params, rest, cubes = steps.replicate((params, rest, cubes), mesh)
-  prepare = getattr(predict_fn, "prepare", None)
-  return cubes if prepare is None else prepare(params, rest, cubes)
-
-
-def predictor(model, rd, batch: int | None = None) -> tuple[Callable, Any, Any]:
-  """(jitted predict fn, params, rest) for `model`; the jitted fn is reused per graph (one
-  compile per model and batch shape, shared by evaluation and maps).
-
-  With `batch` given, several devices and `rd.cfg.data_parallel` on (the default), the fn is
-  sharded over all devices when `batch` divides over them (steps.data_parallel_mesh).
-  """
-  from dpmamba_jax import steps
-  graphdef, params, rest = steps.split_model(model)
-  mesh = inference_mesh(rd, batch)
-  cache = rd.__dict__.setdefault("_predictors", {})
-  key = (graphdef, rd.width, rd.patch_size, mesh)
-  if key not in cache:
-    cache[key] = steps.make_predict_step(graphdef, width=rd.width, patch_size=rd.patch_size,
-                                         mesh=mesh)
-  if mesh is not None:
-    params, rest = steps.replicate((params, rest), mesh)
-  elif batch is not None and _multi_device(params):
-    import jax  # trained data-parallel, inferred on one device: don't run replicated on all
-    params, rest = jax.device_put((params, rest), jax.devices()[0])
-  return cache[key], params, rest
-
-
-def _multi_device(tree) -> bool:
-  import jax
-  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
-  return jax.process_count() == 1 and any(len(x.sharding.device_set) > 1 for x in leaves)
-
-
-def inference_mesh(rd, batch: int | None):
-  """The data mesh for inference batches of `batch` on this run (None = one device); the
-  decision is logged once per run and batch."""
-  import jax
-  from dpmamba_jax import steps
-  if batch is None or jax.device_count() == 1:
-    return None
-  cache = rd.__dict__.setdefault("_meshes", {})
-  if batch not in cache:
-    enabled = bool(getattr(getattr(rd, "cfg", None), "data_parallel", True))
-    log = print if jax.process_index() == 0 else None  # one line per run, not per host
-    cache[batch] = steps.data_parallel_mesh(batch, enabled=enabled, what="inference batch",
-                                            log=log)
-  return cache[batch]
+# Scoring a run's models.
 
 
 def test_pixels(rd) -> np.ndarray:
@@ -202,19 +104,17 @@ def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
                    progress: bool = True) -> dict:
   """{scenario: scores} for one model over the test pixels of the run's split (`test_pixels`).
 
-  `rd` is a train.RunData (device cubes, text features z, split, labels, spec). progress: a
+  `rd` is a run.RunData (device cubes, text features z, split, labels, spec). progress: a
   progress bar per scenario on stderr.
   """
-  from dpmamba_jax import data
-  predict_fn, params, rest = predictor(model, rd, batch)
+  predictor = Predictor.for_run(model, rd, batch)
   test_idx = test_pixels(rd)
-  y_true = data.labels_at(rd.labels, test_idx)
-  scene = prepare_scene(predict_fn, params, rest, rd.cubes)  # once for all scenarios
+  y_true = labels_at(rd.labels, test_idx)
+  scene = predictor.prepare_scene(rd.cubes)  # once for all scenarios
   out = {}
   for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):
-    pred = predict_pixels(predict_fn, params, rest, scene, rd.z, test_idx, row,
-                          rd.spec.num_modalities, batch,
-                          desc=f"eval {which} {name}" if progress else None)
+    pred = predictor.predict_pixels(scene, rd.z, test_idx, row,
+                                    desc=f"eval {which} {name}" if progress else None)
     out[name] = scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
   return out
 
@@ -291,15 +191,13 @@ def _std(a: np.ndarray) -> float:
 
 
 def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> None:
-  from dpmamba_jax import config as config_lib
-  config_lib.save_json(os.path.join(workdir, "metrics.json"), metrics)
+  fileio.write_json(os.path.join(workdir, "metrics.json"), metrics)
   title = (f"{metrics['dataset']}, seed {metrics['seed']}, text encoder "
            f"{metrics['text_encoder']}, last-epoch models")
   tp = metrics.get("test_pixels")
   if tp and tp["scored"] != tp["of"]:
     title += f", scored on a fixed random {tp['scored']} of the {tp['of']} test pixels"
-  config_lib.save_text(os.path.join(workdir, "metrics.md"), markdown_table(metrics, modalities,
-                                                                             title))
+  fileio.write_text(os.path.join(workdir, "metrics.md"), markdown_table(metrics, modalities, title))
 
 
 def evaluate_run(rd, workdir: str, teacher=None, student=None, *, epochs: dict,
@@ -356,8 +254,6 @@ def _parser() -> argparse.ArgumentParser:
 @errors.cli_entry
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  from dpmamba_jax import checkpoint, train
-  from dpmamba_jax import config as config_lib
   workdir = os.path.abspath(args.workdir)
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_path):
@@ -372,16 +268,16 @@ def main(argv=None) -> int:
   if args.no_compile_cache:
     overrides["compile_cache"] = False
   cfg, spec = config_lib.resolve(overrides)
-  train.setup_cpu_flags()
-  train.setup_compile_cache(cfg.compile_cache)
-  rd = train.prepare(cfg, spec, workdir)
+  runtime.setup_cpu_flags()
+  runtime.setup_compile_cache(cfg.compile_cache)
+  rd = run.load_run_data(cfg, spec, workdir)
   models = {}
   for key in ("teacher", "student"):
     path = os.path.join(workdir, key)
     if key == "teacher" and cfg.teacher_ckpt and not checkpoint.is_model_checkpoint(path):
       path = cfg.teacher_ckpt
     if checkpoint.is_model_checkpoint(path):
-      models[key] = checkpoint.load_model(path)
+      models[key] = checkpoint.load_model(path, scan_impl=cfg.scan_impl or "auto")
   if not models:
     raise errors.UserError(f"{workdir}: no teacher/ or student/ model checkpoint to evaluate")
   epochs = {k: v[2].get("epochs", 0) for k, v in (("pretrain", models.get("teacher")),
@@ -393,13 +289,10 @@ def main(argv=None) -> int:
   evaluate_run(rd, workdir, teacher, student, epochs=epochs, wall_time_s=walls,
                batch=args.batch or cfg.eval_batch)
   if args.maps and student is not None:
-    from dpmamba_jax import maps
     maps.write_all_maps(rd, student, os.path.join(workdir, "maps"), batch=args.batch or
                         cfg.eval_batch)
   return 0
 
 
 if __name__ == "__main__":
-  from dpmamba_jax import train as _train
-  _train.reexec_with_hugepage_malloc()
   raise SystemExit(main())

@@ -1,15 +1,19 @@
-"""Atomic file writes: a temp file in the destination folder, fsync, then os.replace.
+"""File helpers: atomic writes, content hashes, PyTorch state dicts.
 
-A reader (or a run killed mid-write) sees either the old file or the whole new one, never a
-half-written file.
+Writes go to a temp file in the destination folder, fsync, then os.replace: a reader (or a run
+killed mid-write) sees either the old file or the whole new one, never a half-written file.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import pathlib
 import tempfile
 from typing import Any
+
+from dpmamba_jax.errors import UserError
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
@@ -41,6 +45,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def sha256_file(path: str) -> str:
+  """Hex sha256 of a file's bytes (cached per path, size and modification time)."""
+  st = os.stat(path)
+  return _sha256_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # only part of the cache key
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def read_torch_state_dict(path: str, *, skip_non_tensors: bool = False) -> dict:
   """A PyTorch state dict (.pth/.pt) as {name: numpy array}, never executing code from the file.
 
@@ -48,12 +68,11 @@ def read_torch_state_dict(path: str, *, skip_non_tensors: bool = False) -> dict:
   {"model": ...} or {"state_dict": ...} checkpoint; floating tensors come back as float32.
   Raises UserError (one line) when torch is missing or the file is not a plain state dict.
   """
-  from dpmamba_jax.errors import UserError
   try:
-    import torch
+    import torch  # optional dependency, for .pth/.pt files only
   except ImportError:
     raise UserError(f"{path}: reading .pth/.pt needs torch (pip install torch), or export the "
-                    "state dict to .npz once on a machine with torch (see README)") from None
+                    "state dict to .npz once on a machine with torch (docs/parity.md)") from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many kinds for unsafe / corrupt files

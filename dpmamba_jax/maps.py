@@ -1,8 +1,8 @@
 """Classification maps: full scene (every pixel) and labelled pixels, as PNG / .npy / .mat.
 
 On disk, maps hold 1-based class ids with 0 = unlabelled (the .mat key is `data`, as the
-authors' predMap files). The full-scene map is predicted in fixed-size batches whose patches
-are gathered on the device, so the H*W patches are never all in memory.
+authors' predMap files). The predictions come from `predict.Predictor` (streamed in batches, so
+the H*W patches are never all in memory); this module draws and saves them.
 """
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ import io
 import os
 from typing import Sequence
 
+import matplotlib
 import numpy as np
+import scipy.io
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from dpmamba_jax import fileio
 from dpmamba_jax import masks as masks_lib
+from dpmamba_jax.predict import Predictor
 
 UNLABELLED_RGB = (0, 0, 0)
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
   """Distinct colours from matplotlib's tab20 (then hsv) when a dataset has no palette."""
-  import matplotlib
   if num_classes <= 20:
     cols = [matplotlib.colormaps["tab20"](i) for i in range(num_classes)]
   else:
@@ -39,11 +43,7 @@ def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndar
 
 def save_png(path: str, label_map: np.ndarray, class_names: Sequence[str],
              palette: Sequence[Sequence[int]] | None = None, title: str = "") -> None:
-  """PNG of a 1-based map with a legend of class names (matplotlib, Agg backend)."""
-  import matplotlib
-  matplotlib.use("Agg", force=False)
-  from matplotlib.figure import Figure
-  from matplotlib.patches import Patch
+  """PNG of a 1-based map with a legend of class names (matplotlib's Figure, no pyplot)."""
   palette = list(palette) if palette else default_palette(len(class_names))
   rgb = colorize(label_map, palette)
   h, w = label_map.shape
@@ -75,7 +75,6 @@ def save_npy(path: str, label_map: np.ndarray) -> None:
 
 def save_mat(path: str, label_map: np.ndarray) -> None:
   """MATLAB file with key `data`: the 1-based map, 0 = unlabelled."""
-  import scipy.io
   buf = io.BytesIO()
   scipy.io.savemat(buf, {"data": np.asarray(label_map)})
   fileio.write_bytes(path, buf.getvalue())
@@ -101,24 +100,6 @@ def to_maps(pred_full: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
   return full, labelled
 
 
-def predict_scene(predict_fn, params, rest, cubes, z, height: int, width: int,
-                  mask_row: np.ndarray | None, num_modalities: int, batch: int = 512, *,
-                  desc: str | None = None) -> np.ndarray:
-  """(H, W) 0-based predictions for every pixel, streamed in fixed-size batches.
-
-  `cubes` are the padded per-modality scene cubes, already on the device (or
-  `evaluate.prepare_scene` of them); each batch's (batch,) flat indices are sent and its patches
-  gathered inside the jitted `predict_fn`, so memory is bounded by one batch of patches
-  whatever H * W. A sharded `predict_fn` (with `.mesh`) splits
-  every batch over the devices (`batch` a multiple of their count).
-  """
-  from dpmamba_jax import evaluate
-  idx = np.arange(height * width, dtype=np.int32)
-  pred = evaluate.predict_pixels(predict_fn, params, rest, cubes, z, idx, mask_row,
-                                 num_modalities, batch, desc=desc)
-  return pred.reshape(height, width)
-
-
 def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "student",
                    log=print) -> list[str]:
   """Full-scene and labelled-pixel maps of `model` for complete + every missing scenario.
@@ -126,16 +107,15 @@ def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "s
   Files: <out_dir>/<which>_<scenario>_{full,labelled}.{png,npy,mat}, scenario "complete" or
   e.g. "without-HSI". Returns the written paths.
   """
-  from dpmamba_jax import evaluate
   spec = rd.spec
-  predict_fn, params, rest = evaluate.predictor(model, rd, batch)
+  predictor = Predictor.for_run(model, rd, batch)
   palette = tuple(spec.palette) if getattr(spec, "palette", None) else None
-  scene = evaluate.prepare_scene(predict_fn, params, rest, rd.cubes)  # once for all scenarios
+  scene = predictor.prepare_scene(rd.cubes)  # once for all scenarios
   written = []
   for name, row in masks_lib.eval_scenarios(spec.modalities):
-    pred = predict_scene(predict_fn, params, rest, scene, rd.z, rd.height, rd.width, row,
-                         spec.num_modalities, batch,
-                         desc=None if getattr(log, "quiet", False) else f"map {which} {name}")
+    pred = predictor.predict_scene(
+        scene, rd.z, rd.height, row,
+        desc=None if getattr(log, "quiet", False) else f"map {which} {name}")
     full, labelled = to_maps(pred, rd.labels)
     stem = f"{which}_{masks_lib.scenario_file_stem(name)}"
     written += save_map(out_dir, stem + "_full", full, spec.class_names, palette,

@@ -16,8 +16,9 @@ import numpy as np
 from flax import nnx
 
 from dpmamba_jax import errors
+from dpmamba_jax.data import datasets
 from dpmamba_jax.errors import UserError
-from dpmamba_jax.model import ModelConfig, abstract_model
+from dpmamba_jax.model.network import ModelConfig, abstract_model
 
 
 def component_counts(cfg: ModelConfig) -> dict:
@@ -108,7 +109,6 @@ def main(argv=None) -> int:
   over = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
   names = None
   if args.dataset:
-    from dpmamba_jax import datasets
     spec = datasets.get_spec(args.dataset)
     if args.bands:
       over["bands"] = _parse_ints(args.bands, "--bands")

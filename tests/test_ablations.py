@@ -1,4 +1,4 @@
-"""Ablation switches (variants.py, vit.py) and tools/report.py (issue 7)."""
+"""Ablation switches (model/ablations.py, data/subsets.py) and tools/report.py (issue 7)."""
 import importlib.util
 import json
 import os
@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 
 from dpmamba_jax import config as config_lib
-from dpmamba_jax import checkpoint, datasets, errors, train, variants, vit
+from dpmamba_jax import checkpoint, errors, run, train
+from dpmamba_jax.data import datasets
+from dpmamba_jax.model import ablations
 from dpmamba_jax.model import DPMamba, ModelConfig, abstract_model, param_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,9 +87,9 @@ def test_fusion_add_and_dwconv_change_counts_as_expected():
 
 def test_add_fusion_and_dwconv_numerics():
   zs = [jax.random.normal(jax.random.PRNGKey(i), (2, 3, 3, 4)) for i in range(3)]
-  out = variants.AddFusion()(zs, rate=0.3, key=jax.random.PRNGKey(0))
+  out = ablations.AddFusion()(zs, rate=0.3, key=jax.random.PRNGKey(0))
   chex.assert_trees_all_close(out, zs[0] + zs[1] + zs[2], atol=1e-6)
-  mixer = variants.DWConvMixer(4, rngs=nnx.Rngs(0))
+  mixer = ablations.DWConvMixer(4, rngs=nnx.Rngs(0))
   x = np.asarray(zs[0])
   k = np.asarray(mixer.conv.kernel[...])  # (3, 3, 1, 4)
   assert k.shape == (3, 3, 1, 4)
@@ -113,12 +115,12 @@ def test_vit_block_matches_numpy_reference():
   from scipy.special import erf
   cfg = ModelConfig.tiny(bands=(3, 2), patch_size=3, hidden=8, heads_per_direction=2,
                          backbone="vit")
-  blk = vit.ViTBlock(cfg, rngs=nnx.Rngs(3))
+  blk = ablations.ViTBlock(cfg, rngs=nnx.Rngs(3))
   blk.modality_embed[...] = jax.random.normal(jax.random.PRNGKey(5), (2, 8))
   fs = [jax.random.normal(jax.random.PRNGKey(i), (2, 3, 3, 8)) for i in range(2)]
   out = blk(fs)
   x = np.concatenate([np.asarray(f).reshape(2, 9, 8) for f in fs], axis=1)  # (B, 18, 8)
-  pos = vit.sincos_2d(3, 8)
+  pos = ablations.sincos_2d(3, 8)
   emb = np.concatenate([pos + np.asarray(blk.modality_embed[...])[m] for m in range(2)])
   y = _np_layer_norm(x, blk.ln1)
   q, k, v = _np_linear(y + emb, blk.q), _np_linear(y + emb, blk.k), _np_linear(y, blk.v)
@@ -137,7 +139,7 @@ def test_vit_block_matches_numpy_reference():
 
 
 def test_sincos_embedding_distinguishes_positions():
-  e = vit.sincos_2d(5, 10)
+  e = ablations.sincos_2d(5, 10)
   assert e.shape == (25, 10)
   assert len({tuple(np.round(r, 6)) for r in e}) == 25
 
@@ -174,12 +176,12 @@ def test_modalities_restrict_spec_and_errors():
 def test_restricted_synthetic_scene_loads():
   cfg, spec = config_lib.resolve({"modalities": "LiDAR", "synthetic_height": 24,
                                   "synthetic_width": 20})
-  scene = train._load_scene(cfg, spec)
+  scene = run._load_scene(cfg, spec)
   assert scene.spec.modalities == ("LiDAR",) and len(scene.cubes) == 1
   assert scene.cubes[0].shape == (24, 20, 1)
-  full = train._load_scene(config_lib.resolve({"synthetic_height": 24,
-                                               "synthetic_width": 20})[0], datasets.get_spec(
-                                                   "synthetic"))
+  full = run._load_scene(config_lib.resolve({"synthetic_height": 24,
+                                             "synthetic_width": 20})[0], datasets.get_spec(
+                                                 "synthetic"))
   np.testing.assert_array_equal(scene.cubes[0], full.cubes[1])
   np.testing.assert_array_equal(scene.labels, full.labels)
 

@@ -1,9 +1,12 @@
 """Tests for checkpoint.py: model save/load round trip, periodic train checkpoints."""
 import os
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -79,3 +82,42 @@ def test_train_checkpoints_round_trip(tmp_path):
   for x, y in zip(_leaves(state), _leaves(restored)):
     np.testing.assert_array_equal(x, y)
   ck.close()
+
+
+# scan_impl is a run-time choice: checkpoints do not store it and load with either.
+
+
+def _inputs(cfg, b=3):
+  keys = jax.random.split(jax.random.PRNGKey(1), cfg.num_modalities)
+  return [jax.random.normal(k, (b, cfg.patch_size, cfg.patch_size, c))
+          for k, c in zip(keys, cfg.bands)]
+
+
+def test_checkpoint_leaves_out_scan_impl_and_loads_with_either(tmp_path):
+  cfg = model_lib.ModelConfig.tiny(scan_impl="associative")
+  model = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
+  checkpoint.save_model(tmp_path / "m", model, cfg, {"stage": "pretrain"})
+  with open(tmp_path / "m" / "config" / "metadata") as f:
+    assert "scan_impl" not in json.load(f)
+  xs = _inputs(cfg)
+  want = model(xs)
+  for impl in ("recurrent", "associative"):
+    loaded, lcfg, meta = checkpoint.load_model(tmp_path / "m", scan_impl=impl)
+    assert lcfg.scan_impl == impl and meta == {"stage": "pretrain"}
+    assert lcfg.replace(scan_impl="associative") == cfg
+    np.testing.assert_allclose(loaded(xs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_naming_a_retired_scan_impl_still_loads(tmp_path):
+  """Checkpoints written before scan_impl left the config may name "chunked" or "sequential"."""
+  cfg = model_lib.ModelConfig.tiny()
+  model = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
+  old = dict(checkpoint.config_to_json(cfg), scan_impl="chunked")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(str(tmp_path / "old"), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(nnx.state(model)), config=ocp.args.JsonSave(old),
+        meta=ocp.args.JsonSave({})))
+  loaded, lcfg, _ = checkpoint.load_model(tmp_path / "old")
+  assert lcfg.scan_impl == "auto"
+  xs = _inputs(cfg)
+  np.testing.assert_allclose(loaded(xs), model(xs), rtol=1e-5, atol=1e-5)

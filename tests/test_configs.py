@@ -3,7 +3,8 @@ import pathlib
 
 import pytest
 
-from dpmamba_jax import config, datasets
+from dpmamba_jax import config
+from dpmamba_jax.data import datasets
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -1,5 +1,5 @@
-"""Tests for dpmamba_jax.data and dpmamba_jax.datasets: readers, validation, splits, preprocessing,
-patch gather, sampler, inspect CLI."""
+"""Tests for dpmamba_jax.data (and its datasets registry): readers, validation, splits,
+preprocessing, patch gather, sampler, inspect CLI."""
 import dataclasses
 import json
 import os
@@ -16,7 +16,8 @@ import pytest
 import scipy.io
 
 from dpmamba_jax import data
-from dpmamba_jax import datasets
+from dpmamba_jax.data import datasets
+from dpmamba_jax.data.__main__ import main as data_main
 from dpmamba_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -265,7 +266,7 @@ def test_error_patch_too_large():
 def test_cli_error_exit_code(tmp_path, capsys):
   d = write_dir(tmp_path / "ds")
   os.remove(d / "HSI_data.mat")
-  rc = data.main(["--dataset", "trento", "--data-dir", str(d)])
+  rc = data_main(["--dataset", "trento", "--data-dir", str(d)])
   err = capsys.readouterr().err
   assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ")
   assert "no HSI file" in err and str(d) in err
@@ -491,7 +492,7 @@ def test_sampler_unequal_classes_and_errors():
 
 
 def test_inspect_cli_synthetic_json(capsys):
-  assert data.main(["--json"]) == 0
+  assert data_main(["--json"]) == 0
   info = json.loads(capsys.readouterr().out)
   spec = datasets.get_spec("synthetic")
   assert info["dataset"] == "synthetic"
@@ -509,7 +510,7 @@ TRENTO_COUNTS = [4034, 2903, 479, 9123, 10501, 3174]
 
 @needs_trento
 def test_trento_semireal_inspect(capsys):
-  assert data.main(["--dataset", "trento", "--data-dir", str(TRENTO), "--json"]) == 0
+  assert data_main(["--dataset", "trento", "--data-dir", str(TRENTO), "--json"]) == 0
   info = json.loads(capsys.readouterr().out)
   assert info["counts"] == TRENTO_COUNTS
   assert (info["height"], info["width"]) == (166, 600)

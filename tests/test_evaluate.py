@@ -1,11 +1,12 @@
 """Tests for evaluate.py: metrics, padded fixed-batch inference, reports."""
-import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from dpmamba_jax import evaluate
+from dpmamba_jax import data, evaluate, losses, predict
+from dpmamba_jax.model import DPMamba, ModelConfig
+from dpmamba_jax.predict import Predictor
 
 
 def ref_kappa(y, p, c):
@@ -42,21 +43,38 @@ def test_scores_hand_example_and_absent_class():
     evaluate.confusion_matrix([0, 5], [0, 1], 3)
 
 
-def test_predict_pixels_pads_last_batch_one_compile():
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def fake_predict(params, rest, cubes, z, idx, mask):
-    # "prediction" = (index + number of present modalities) mod 5
-    return ((idx + mask.sum(1).astype(jnp.int32)) % 5).astype(jnp.int32)
+def _tiny_predictor_setup(height, width, seed=0):
+  """(model, padded cubes, z) of a tiny student on a random height x width scene."""
+  cfg = ModelConfig.tiny(bands=(3, 2), patch_size=3, depth=1, hidden=8, out_dim=8, prompts=True)
+  rng = np.random.default_rng(seed)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(height, width, b)).astype(np.float32) for b in cfg.bands], cfg.patch_size)]
+  z = jnp.asarray(rng.normal(size=(5, cfg.out_dim)).astype(np.float32))
+  return DPMamba(cfg, rngs=nnx.Rngs(seed)), cubes, z
 
+
+def _eval_forward(model, cubes, z, idx, width, mask_row):
+  """The model's own eval-mode predictions of pixels idx (one batch, no Predictor)."""
+  p = model.cfg.patch_size
+  xs = [data.gather_patches(c, jnp.asarray(idx), width, p) for c in cubes]
+  mask = None if mask_row is None else jnp.tile(jnp.asarray(mask_row, jnp.float32), (len(idx), 1))
+  return np.asarray(losses.predict(model(xs, mask), z))
+
+
+def test_predict_pixels_pads_last_batch_one_compile():
+  h, w = 6, 5
+  model, cubes, z = _tiny_predictor_setup(h, w)
+  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
+  predictor = Predictor(model, width=w, patch_size=3, batch=8, max_calls=1)
   idx = np.arange(3, 3 + 23, dtype=np.int32)  # 23 = 2 full batches of 8 + 7
-  out = evaluate.predict_pixels(fake_predict, None, None, None, None, idx, None, 2, batch=8)
-  np.testing.assert_array_equal(out, (idx + 2) % 5)
-  out = evaluate.predict_pixels(fake_predict, None, None, None, None, idx,
-                                np.array([0, 1], np.float32), 2, batch=8)
-  np.testing.assert_array_equal(out, (idx + 1) % 5)
-  assert evaluate.predict_pixels(fake_predict, None, None, None, None, idx[:0], None, 2,
-                                 batch=8).shape == (0,)
+  out = predictor.predict_pixels(cubes, z, idx, None)
+  np.testing.assert_array_equal(out, _eval_forward(model, cubes, z, idx, w, None))
+  assert len(set(out.tolist())) > 1  # not a constant map
+  row = np.array([0, 1], np.float32)
+  out = predictor.predict_pixels(cubes, z, idx, row)
+  np.testing.assert_array_equal(out, _eval_forward(model, cubes, z, idx, w, row))
+  assert predictor.predict_pixels(cubes, z, idx[:0], None).shape == (0,)
+  assert predictor.program._cache_size() == 1  # one batch shape, every scenario
 
 
 def _metrics(oa, seed=0):

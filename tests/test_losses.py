@@ -14,8 +14,13 @@ from dpmamba_jax import losses
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PARITY = os.environ.get("DPMAMBA_PARITY_DIR") or os.path.join(_REPO, "..", "shared", "parity")
 # Every golden set in the parity dir (trento_p15_b12.npz, and any other with the same keys).
-_GOLDEN = sorted(os.path.join(_PARITY, f) for f in (os.listdir(_PARITY) if os.path.isdir(_PARITY) else [])
-                 if f.endswith(".npz") and f != "tokens.npz")
+def _has_losses(path):
+  with np.load(path, allow_pickle=False) as z:
+    return "loss/logit_scale" in z.files  # the forward files (not tokens.npz, not *_train.npz)
+
+
+_GOLDEN = sorted(p for f in (os.listdir(_PARITY) if os.path.isdir(_PARITY) else [])
+                 for p in [os.path.join(_PARITY, f)] if f.endswith(".npz") and _has_losses(p))
 
 
 # ---------------------------------------------------------------------------- numpy references

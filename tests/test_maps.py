@@ -1,12 +1,15 @@
-"""Tests for maps.py: colours, PNG/.npy/.mat files, streamed full-scene prediction."""
+"""Tests for maps.py: colours, PNG/.npy/.mat files; streamed full-scene prediction (predict.py)."""
 import os
 
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import scipy.io
+from flax import nnx
 
-from dpmamba_jax import maps
+from dpmamba_jax import data, losses, maps, predict
+from dpmamba_jax.model import DPMamba, ModelConfig
+from dpmamba_jax.predict import Predictor
 
 
 def test_colorize_and_default_palette():
@@ -43,14 +46,30 @@ def test_save_map_files(tmp_path):
   assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
-def test_predict_scene_streams_every_pixel():
+def test_predict_scene_streams_every_pixel(monkeypatch):
+  h, w, p = 7, 9, 3
+  cfg = ModelConfig.tiny(bands=(3, 2), patch_size=p, depth=1, hidden=8, out_dim=8, prompts=True)
+  rng = np.random.default_rng(0)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(h, w, b)).astype(np.float32) for b in cfg.bands], p)]
+  z = jnp.asarray(rng.normal(size=(4, cfg.out_dim)).astype(np.float32))
+  model = DPMamba(cfg, rngs=nnx.Rngs(0))
+  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
+  predictor = Predictor(model, width=w, patch_size=p, batch=16, max_calls=1)
   calls = []
+  real_batch = predictor.predict_batch
 
-  def fake_predict(params, rest, cubes, z, idx, mask):
+  def recording_batch(scene, z, idx, mask):
     calls.append(int(idx.shape[0]))
-    return (idx % 3).astype(jnp.int32)
+    return real_batch(scene, z, idx, mask)
 
-  out = maps.predict_scene(fake_predict, None, None, None, None, 7, 9, None, 2, batch=16)
+  monkeypatch.setattr(predictor, "predict_batch", recording_batch)
+  out = predictor.predict_scene(cubes, z, h, None)
   assert out.shape == (7, 9)
-  np.testing.assert_array_equal(out.ravel(), np.arange(63) % 3)
+  # raster order: the model's own eval forward of every pixel, in one batch
+  idx = jnp.arange(h * w, dtype=jnp.int32)
+  xs = [data.gather_patches(c, idx, w, p) for c in cubes]
+  np.testing.assert_array_equal(out.ravel(), np.asarray(losses.predict(model(xs, None), z)))
+  assert len(set(out.ravel().tolist())) > 1  # not a constant map
   assert set(calls) == {16} and len(calls) == 4  # fixed batch, last one padded
+  assert predictor.program._cache_size() == 1

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpmamba_jax import summary, torch_import
+from dpmamba_jax import data, summary
 from dpmamba_jax.errors import UserError
-from dpmamba_jax.model import (AttentionFusion, DPMamba, MaskedBatchNorm, ModelConfig,
-                               abstract_model, make_forward, param_count)
+from dpmamba_jax.model import DPMamba, ModelConfig, abstract_model, make_forward, param_count
+from dpmamba_jax.model import conv as conv_lib
+from dpmamba_jax.model import scan, torch_import
+from dpmamba_jax.model.blocks import AttentionFusion, MaskedBatchNorm
+from scan_reference import selective_scan_sequential
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +48,7 @@ def test_for_dataset_and_registry():
   spec = types.SimpleNamespace(model_bands=(48, 4), patch_size=9)
   cfg = ModelConfig.for_dataset(spec, prompts=True)
   assert (cfg.bands, cfg.patch_size, cfg.prompts) == ((48, 4), 9, True)
-  datasets = pytest.importorskip("dpmamba_jax.datasets")
+  datasets = pytest.importorskip("dpmamba_jax.data.datasets")
   for name, p, bands, (teacher, student) in [("trento", 15, (63, 1), PINNED[0][2:]),
                                              ("houston", 11, (48, 1), PINNED[1][2:]),
                                              ("augsburg", 9, (48, 4), PINNED[2][2:])]:
@@ -78,7 +81,7 @@ def test_summary_cli(capsys):
 
 
 def test_summary_cli_dataset(capsys):
-  pytest.importorskip("dpmamba_jax.datasets")
+  pytest.importorskip("dpmamba_jax.data.datasets")
   assert summary.main(["--dataset", "houston"]) == 0
   text = capsys.readouterr().out
   assert "138,886" in text and "154,374" in text
@@ -138,7 +141,7 @@ def student():
   return model
 
 
-def test_make_forward_no_retrace_and_matches_sequential(student):
+def test_make_forward_no_retrace_and_matches_sequential(student, monkeypatch):
   cfg = student.cfg
   fwd = make_forward(student, max_traces=1)
   state = nnx.state(student)
@@ -147,9 +150,26 @@ def test_make_forward_no_retrace_and_matches_sequential(student):
   v2 = fwd(state, _inputs(cfg, 4, 2), mask)  # same shapes: no retrace (max_traces=1)
   chex.assert_shape(v1, (4, cfg.out_dim))
   assert not np.allclose(v1, v2)
-  seq = nnx.merge(nnx.graphdef(DPMamba(cfg.replace(scan_impl="sequential"), rngs=nnx.Rngs(0))),
-                  state)
-  v_seq, _, _ = _run(nnx.graphdef(seq), state, _inputs(cfg, 4, 1), mask, None)
+  # the other production scan ("auto" is "recurrent" on CPU, "associative" elsewhere)
+  other = "associative" if scan.resolve_impl(cfg.scan_impl) == "recurrent" else "recurrent"
+  alt = nnx.merge(nnx.graphdef(DPMamba(cfg.replace(scan_impl=other), rngs=nnx.Rngs(0))), state)
+  v_alt, _, _ = _run(nnx.graphdef(alt), state, _inputs(cfg, 4, 1), mask, None)
+  np.testing.assert_allclose(v_alt, v1, rtol=1e-4, atol=1e-5)
+
+  # and the sequential lax.scan reference (tests/scan_reference.py) as the model's selective scan
+  calls = []
+
+  def reference_scan(u, x_proj, dt_bias, a_log, d_skip, paths, *, impl="auto", time_major=False):
+    calls.append(impl)
+    if time_major:  # (L, B, D)
+      return jnp.swapaxes(selective_scan_sequential(jnp.swapaxes(u, 0, 1), x_proj, dt_bias,
+                                                    a_log, d_skip, paths), 0, 1)
+    return selective_scan_sequential(u, x_proj, dt_bias, a_log, d_skip, paths)
+
+  monkeypatch.setattr(scan, "selective_scan", reference_scan)
+  gd = nnx.graphdef(student)
+  v_seq = jax.jit(lambda s, xs, m: nnx.merge(gd, s)(xs, m))(state, _inputs(cfg, 4, 1), mask)
+  assert calls  # the forward above ran the reference
   np.testing.assert_allclose(v_seq, v1, rtol=1e-4, atol=1e-5)
 
 
@@ -304,11 +324,10 @@ def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch
   reductions (GPU). gpu_forms runs the GPU forms here by listing the CPU backend for them. The
   input gradients too.
   """
-  from dpmamba_jax import model as model_lib
   if gpu_forms:
-    monkeypatch.setattr(model_lib, "CONV_AS_MATMUL_BACKENDS", ("cpu",))
-    monkeypatch.setattr(model_lib, "FILTER_GRAD_CONV_BACKENDS", ())
-  conv = model_lib.Conv3x3(8, 8, groups, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(conv_lib, "CONV_AS_MATMUL_BACKENDS", ("cpu",))
+    monkeypatch.setattr(conv_lib, "FILTER_GRAD_CONV_BACKENDS", ())
+  conv = conv_lib.Conv3x3(8, 8, groups, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 8))
   to_layout = (lambda a: a) if layout == "NHWC" else (lambda a: jnp.transpose(a, (1, 2, 0, 3)))
   ref = lambda k, x: jax.lax.conv_general_dilated(
@@ -330,12 +349,10 @@ def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch
 def test_patch_conv_from_scene_equals_patch_conv(p):
   """Patches of the conv over a whole padded cube, corrected on the border with the ring of
   pixels around each patch, equal the conv of the zero-padded patches (scene-edge pixels too)."""
-  from dpmamba_jax import data
-  from dpmamba_jax import model as model_lib
   rng = np.random.default_rng(0)
   h, w, cin = 6, 7, 5
   cube = jnp.asarray(data.pad_cubes([rng.normal(size=(h, w, cin)).astype(np.float32)], p)[0])
-  conv = model_lib.Conv3x3(cin, 8, 1, rngs=nnx.Rngs(3))
+  conv = conv_lib.Conv3x3(cin, 8, 1, rngs=nnx.Rngs(3))
   idx = jnp.arange(h * w, dtype=jnp.int32)  # every pixel: corners and edges included
   with jax.default_matmul_precision("highest"):
     want = conv(data.gather_patches(cube, idx, w, p))
@@ -347,7 +364,7 @@ def test_patch_conv_from_scene_equals_patch_conv(p):
   # the ring matters: without it the border differs
   assert np.abs(np.asarray(data.gather_patches(scene_conv, idx, w, p) - want)).max() > 1e-2
   with pytest.raises(ValueError, match="dense"):
-    model_lib.Conv3x3(4, 4, 2, rngs=nnx.Rngs(0)).patch_conv_from_scene(got, ring)
+    conv_lib.Conv3x3(4, 4, 2, rngs=nnx.Rngs(0)).patch_conv_from_scene(got, ring)
 
 
 @pytest.mark.parametrize("bands,prompts", [((5,), True), ((4, 2, 1), False)])

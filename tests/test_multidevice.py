@@ -53,8 +53,9 @@ def _worker() -> dict:
   import optax
   from flax import nnx
 
-  from dpmamba_jax import data, evaluate, steps
+  from dpmamba_jax import data, predict, sharding, steps
   from dpmamba_jax import model as model_lib
+  from dpmamba_jax.predict import Predictor
 
   assert jax.device_count() == N_DEV, jax.devices()
   rng = np.random.default_rng(0)
@@ -69,10 +70,10 @@ def _worker() -> dict:
   # SGD keeps parameter differences proportional to gradient differences; Adam's g / sqrt(v)
   # turns float noise in ~zero gradients (conv biases before BatchNorm) into lr-sized steps.
   tx, sched = optax.sgd(0.1), optax.constant_schedule(0.1)
-  mesh = steps.data_parallel_mesh(b, log=None)
+  mesh = sharding.data_parallel_mesh(b, log=None)
   assert mesh is not None and mesh.size == N_DEV
-  rep = lambda t: steps.replicate(t, mesh)
-  shard = lambda a: steps.shard_batch(a, mesh)
+  rep = lambda t: sharding.replicate(t, mesh)
+  shard = lambda a: sharding.shard_batch(a, mesh)
   copy = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)
   close = lambda a, b_: chex.assert_trees_all_close(a, b_, atol=ATOL, rtol=RTOL)
 
@@ -111,28 +112,28 @@ def _worker() -> dict:
   student_devices = len(n2["loss"].sharding.device_set)
 
   # Inference over the whole scene, batch 8 (last batch padded), two scenarios; the 6-band
-  # modality through the scene conv (predict.prepare), and also from its plain cube.
-  steps.SCENE_CONV_MIN_BANDS = 6
+  # modality through the scene conv (Predictor.prepare_scene), and also from its plain cube.
+  predict.SCENE_CONV_MIN_BANDS = 6
   trained = nnx.merge(sgraph, u1.params, u1.batch_stats)
-  g, pp, pr = steps.split_model(trained)
-  pred1 = steps.make_predict_step(g, width=w, patch_size=p)
-  predn = steps.make_predict_step(g, width=w, patch_size=p, mesh=mesh)
-  assert isinstance(predn.prepare(rep(pp), rep(pr), rep(cubes))[0], dict)
+  pred1 = Predictor(trained, width=w, patch_size=p, batch=b)
+  predn = Predictor(trained, width=w, patch_size=p, batch=b, mesh=mesh)
+  assert isinstance(predn.prepare_scene(cubes)[0], dict)
   all_idx = np.arange(h * w, dtype=np.int32)
   for row in (None, np.array([0.0, 1.0], np.float32)):
-    a = evaluate.predict_pixels(pred1, pp, pr, cubes, z, all_idx, row, 2, batch=b)
-    a2 = evaluate.predict_pixels(predn, pp, pr, cubes, z, all_idx, row, 2, batch=b)
-    plain = evaluate.predict_pixels(lambda *args: pred1(*args), pp, pr, cubes, z, all_idx, row,
-                                    2, batch=b)  # no .prepare: the cubes as they are
+    a = pred1.predict_pixels(cubes, z, all_idx, row)
+    a2 = predn.predict_pixels(cubes, z, all_idx, row)
+    predict.SCENE_CONV_MIN_BANDS = 1 << 30  # no scene conv: the cubes as they are
+    plain = pred1.predict_pixels(cubes, z, all_idx, row)
+    predict.SCENE_CONV_MIN_BANDS = 6
     np.testing.assert_array_equal(a, a2)
     np.testing.assert_array_equal(a, plain)
-  hlo = predn.jitted.lower(rep(pp), rep(pr), rep(cubes), rep(z), shard(all_idx[:b]),
-                           shard(np.ones((b, 2), np.float32))).compile().as_text()
+  hlo = predn.program.lower(predn.params, predn.rest, rep(cubes), rep(z), shard(all_idx[:b]),
+                            shard(np.ones((b, 2), np.float32))).compile().as_text()
   collectives = any(op in hlo for op in ("all-gather", "all-reduce", "collective-permute",
                                          "all-to-all"))
   msgs = []
-  fallback = steps.data_parallel_mesh(6, log=msgs.append)
-  disabled = steps.data_parallel_mesh(8, enabled=False, log=msgs.append)
+  fallback = sharding.data_parallel_mesh(6, log=msgs.append)
+  disabled = sharding.data_parallel_mesh(8, enabled=False, log=msgs.append)
   assert len(msgs) == 2 and "not a multiple" in msgs[0] and "off" in msgs[1], msgs
   return {"devices": jax.device_count(), "teacher_devices": teacher_devices,
           "student_devices": student_devices, "predict_collectives": collectives,

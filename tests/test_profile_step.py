@@ -14,8 +14,8 @@ finally:
   sys.path.pop(0)
 
 # The tail of an XLA HLO text dump: instructions name their innermost stack frame; frames chain
-# to their callers. fusion.1 comes from scan.py called by steps.py; fusion.2 from flax code
-# called by model.py; copy.3 only from steps.py.
+# to their callers. fusion.1 comes from model/scan.py called by steps.py; fusion.2 from flax code
+# called by model/blocks.py; copy.3 only from steps.py.
 _HLO = """HloModule jit_step
 ENTRY %main {
   %fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="a" stack_frame_id=2}
@@ -25,9 +25,9 @@ ENTRY %main {
 
 FileNames
 1 "/x/dpmamba_jax/steps.py"
-2 "/x/dpmamba_jax/scan.py"
+2 "/x/dpmamba_jax/model/scan.py"
 3 "/y/flax/nnx/nn/linear.py"
-4 "/x/dpmamba_jax/model.py"
+4 "/x/dpmamba_jax/model/blocks.py"
 FunctionNames
 1 "make_step.<locals>.step"
 2 "selective_scan"
@@ -53,19 +53,19 @@ def test_hlo_source_lines_picks_the_package_frame(tmp_path):
   path.write_text(_HLO)
   lines = profile_step.hlo_source_lines(str(path))
   assert lines == {"fusion.1": "scan.py:20 selective_scan",
-                   "fusion.2": "model.py:40 __call__",  # flax's frame skipped for its caller
+                   "fusion.2": "blocks.py:40 __call__",  # flax's frame skipped for its caller
                    "copy.3": "steps.py:10 step"}  # no other frame: the innermost
 
 
 def test_attribute_sums_per_step():
-  lines = {"fusion.1": "scan.py:20 f", "fusion.2": "model.py:40 g"}
+  lines = {"fusion.1": "scan.py:20 f", "fusion.2": "blocks.py:40 g"}
   events = [dict(name="fusion_1", dur=3000.0),  # GPU kernel name: "." as "_"
             dict(name="fusion.1", dur=1000.0),  # CPU op name
             dict(name="kernel", dur=500.0, args={"hlo_op": "fusion.2"}),
             dict(name="ThunkExecutor::Execute", dur=9e6)]  # not an HLO op: left out
   r = profile_step.attribute(events, lines, n_steps=2)
-  assert r["by_line"] == [["scan.py:20 f", 2.0, 1.0], ["model.py:40 g", 0.25, 0.5]]
-  assert r["by_file"] == {"scan.py": 2.0, "model.py": 0.25}
+  assert r["by_line"] == [["scan.py:20 f", 2.0, 1.0], ["blocks.py:40 g", 0.25, 0.5]]
+  assert r["by_file"] == {"scan.py": 2.0, "blocks.py": 0.25}
   assert r["total_ms"] == pytest.approx(2.25) and r["kernels"] == pytest.approx(1.5)
 
 
@@ -82,5 +82,5 @@ def test_profile_step_cli_on_cpu(tmp_path):
   r = json.loads(out.read_text())
   assert r["step"] == "predict" and r["batch"] == 8 and r["backend"] == "cpu"
   assert r["total_ms"] > 0 and r["kernels"] > 0
-  assert {"scan.py", "model.py"} <= set(r["by_file"])
+  assert {"scan.py", "conv.py"} <= set(r["by_file"])  # model/scan.py, model/conv.py
   assert any(w.startswith("scan.py:") for w, _, _ in r["by_line"])

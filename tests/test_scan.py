@@ -1,11 +1,14 @@
-"""Zigzag paths and the selective SSM: associative vs sequential vs a numpy loop."""
+"""Zigzag paths and the selective SSM: the implementations vs a lax.scan reference and a numpy
+loop (tests/scan_reference.py)."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpmamba_jax import scan
+from dpmamba_jax.model import scan
+from scan_reference import (linear_recurrence_sequential, selective_scan_numpy,
+                            selective_scan_sequential)
 
 
 def test_zigzag_n3_example():
@@ -64,10 +67,12 @@ CASES = [  # (B, P, D, heads R, N)
 def test_selective_scan_matches_numpy_loop(bsz, p, dim, heads, n_state):
   args = _random_ssm(jax.random.PRNGKey(bsz * 100 + p), bsz, p, dim, heads, n_state)
   paths = scan.zigzag_paths(p)
-  ref = scan.selective_scan_numpy(*[np.asarray(a) for a in args], paths)
+  ref = selective_scan_numpy(*[np.asarray(a) for a in args], paths)
   with jax.default_matmul_precision("highest"):
-    for impl in scan.SCAN_IMPLS:
-      y = _jit_scan(paths, impl)(*args)
+    for impl in ("associative", "sequential"):
+      fn = (jax.jit(lambda *a: selective_scan_sequential(*a, paths)) if impl == "sequential"
+            else _jit_scan(paths, impl))
+      y = fn(*args)
       chex.assert_shape(y, (bsz, p * p, dim))
       np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5, err_msg=impl)
 
@@ -84,7 +89,7 @@ def test_numpy_reference_single_direction_by_hand():
   h0 = d0 * 1.0 * 1.0
   h1 = np.exp(-d1) * h0 + d1 * 2.0 * 2.0
   want = 4 * np.array([h0 * 1.0, h1 * 2.0])  # four identical directions, summed
-  got = scan.selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths)
+  got = selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths)
   np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-12)
   y = _jit_scan(paths)(jnp.asarray(u, jnp.float32), x_proj, dt_bias, a_log, d_skip)
   np.testing.assert_allclose(np.asarray(y)[0, :, 0], want, rtol=1e-6)
@@ -97,7 +102,9 @@ def test_associative_and_sequential_gradients_agree(bsz, p, dim, heads, n_state)
   w = jax.random.normal(jax.random.PRNGKey(3), (bsz, p * p, dim))
 
   def grad(impl):
-    loss = lambda *a: jnp.sum(w * scan.selective_scan(*a, paths, impl=impl))
+    fn = ((lambda *a: selective_scan_sequential(*a, paths)) if impl == "sequential"
+          else (lambda *a: scan.selective_scan(*a, paths, impl=impl)))
+    loss = lambda *a: jnp.sum(w * fn(*a))
     return jax.jit(jax.grad(loss, argnums=tuple(range(5))))(*args)
 
   with jax.default_matmul_precision("highest"):
@@ -115,7 +122,7 @@ class JitVariantsTest(chex.TestCase):
     fn = self.variant(lambda *a: scan.selective_scan(*a, paths))
     with jax.default_matmul_precision("highest"):
       y = fn(*args)
-    ref = scan.selective_scan_numpy(*[np.asarray(a) for a in args], paths)
+    ref = selective_scan_numpy(*[np.asarray(a) for a in args], paths)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -124,8 +131,11 @@ def test_linear_recurrence_zero_initial_state_and_bad_impl():
   b = jnp.ones((1, 5))
   h = scan.linear_recurrence(a, b, axis=1)
   np.testing.assert_allclose(np.asarray(h)[0], [1, 1.5, 1.75, 1.875, 1.9375], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(linear_recurrence_sequential(a, b, axis=1))[0],
+                             [1, 1.5, 1.75, 1.875, 1.9375], rtol=1e-6)
   with pytest.raises(ValueError, match="scan impl"):
-    scan.linear_recurrence(a, b, axis=1, impl="parallel")
+    scan.selective_scan(*_random_ssm(jax.random.PRNGKey(0), 1, 2, 4, 2, 1), scan.zigzag_paths(2),
+                        impl="parallel")
 
 
 @pytest.mark.parametrize("axis", [1, 0])
@@ -163,8 +173,9 @@ def test_linear_recurrence_custom_vjp_broadcast_a():
   a = jax.random.uniform(jax.random.PRNGKey(0), (2, 7, 3, 1), minval=0.2, maxval=1.0)
   b = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 3, 5))
   w = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 3, 5))
+  recurrences = {"associative": scan.linear_recurrence, "sequential": linear_recurrence_sequential}
   grads = {impl: jax.jit(jax.grad(
-      lambda a, b: jnp.sum(w * scan.linear_recurrence(a, b, axis=1, impl=impl)),
-      argnums=(0, 1)))(a, b) for impl in scan.SCAN_IMPLS}
+      lambda a, b: jnp.sum(w * fn(a, b, axis=1)),
+      argnums=(0, 1)))(a, b) for impl, fn in recurrences.items()}
   chex.assert_trees_all_close(grads["associative"], grads["sequential"], rtol=1e-5, atol=1e-6)
   chex.assert_shape(grads["associative"][0], a.shape)

@@ -1,4 +1,5 @@
-"""Tests for steps.py: LR schedule, optimiser, and the jitted teacher / student / predict steps."""
+"""Tests for steps.py and predict.py: LR schedule, optimiser, the jitted teacher / student steps
+and the Predictor."""
 import math
 
 import chex
@@ -9,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dpmamba_jax import data, steps
+from dpmamba_jax import data, losses, predict, steps
 from dpmamba_jax import model as model_lib
 
 
@@ -151,7 +152,7 @@ def test_teacher_features_are_its_eval_forward_row_by_row(setup):
   chex.assert_trees_all_close(feats, want, atol=1e-5, rtol=1e-5)
   reordered = features((t_params, t_rest), s["padded"], np.asarray(s["idx"])[::-1])
   chex.assert_trees_all_close(reordered, want[::-1], atol=1e-5, rtol=1e-5)
-  assert features.jitted._cache_size() == 1  # one batch shape, the padded last batch included
+  assert features.program._cache_size() == 1  # one batch shape, the padded last batch included
   # eval mode: the train-mode forward (batch statistics) gives other features
   assert not np.allclose(np.asarray(teacher(xs, None, train=True)), want, atol=1e-3)
   with pytest.raises(ValueError, match="no pixel"):
@@ -161,48 +162,46 @@ def test_teacher_features_are_its_eval_forward_row_by_row(setup):
 def test_predict_step_masks_are_an_input(setup):
   s = setup
   model = model_lib.DPMamba(s["cfg"].replace(prompts=True), rngs=nnx.Rngs(2))
-  graphdef, params, rest = steps.split_model(model)
-  pred = steps.make_predict_step(graphdef, width=W, patch_size=P)
+  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
   b = s["idx"].shape[0]
+  pred = predict.Predictor(model, width=W, patch_size=P, batch=b)
   outs = []
   for row in ([1, 1], [0, 1], [1, 0]):
     mask = jnp.asarray(np.tile(np.array(row, np.float32), (b, 1)))
-    out = pred(params, rest, s["padded"], s["z"], s["idx"], mask)
+    out = pred.predict_batch(s["padded"], s["z"], s["idx"], mask)
     chex.assert_shape(out, (b,))
     outs.append(np.asarray(out))
-  assert pred.jitted._cache_size() == 1
+  assert pred.program._cache_size() == 1
   # Complete == the model's own eval forward with mask None.
   xs = steps.gather_batch(s["padded"], s["idx"], W, P)
-  from dpmamba_jax import losses
   want = np.asarray(losses.predict(model(xs, None), s["z"]))
   np.testing.assert_array_equal(outs[0], want)
 
 
 def _tiny_student_scene(seed: int):
-  """(rng, padded cubes of a 6-band + 2-band scene, z, graphdef, params, rest) of a tiny student."""
+  """(rng, padded cubes of a 6-band + 2-band scene, z, model) of a tiny student."""
   rng = np.random.default_rng(seed)
   cubes = [jnp.asarray(c) for c in data.pad_cubes(
       [rng.normal(size=(H, W, b)).astype(np.float32) for b in (6, 2)], P)]
   z = jnp.asarray(rng.normal(size=(C, 8)).astype(np.float32))
   cfg = model_lib.ModelConfig.tiny(bands=(6, 2), patch_size=P, hidden=8, out_dim=8,
                                    prompts=True)
-  graphdef, params, rest = steps.split_model(model_lib.DPMamba(cfg, rngs=nnx.Rngs(seed + 1)))
-  return rng, cubes, z, graphdef, params, rest
+  return rng, cubes, z, model_lib.DPMamba(cfg, rngs=nnx.Rngs(seed + 1))
 
 
 @pytest.mark.parametrize("batch,max_calls,min_sub,want", [
     (512, 16, 32, 16), (500, 16, 32, 10), (120, 16, 32, 3), (31, 16, 32, 1), (24, 4, 4, 4),
     (7, 4, 1, 1), (512, 1, 32, 1)])
 def test_predict_calls(batch, max_calls, min_sub, want):
-  n = steps.predict_calls(batch, max_calls, min_sub)
+  n = predict.predict_calls(batch, max_calls, min_sub)
   assert n == want and batch % n == 0 and (n == 1 or batch // n >= min_sub)
 
 
 def test_predict_concurrent_calls_equal_one_call(monkeypatch):
   """A batch split into concurrent sub-batch calls gives the one call's predictions; the
   concurrent first calls trace the step once, at the sub-batch's shape."""
-  monkeypatch.setattr(steps, "CPU_PREDICT_MIN_SUB_BATCH", 4)
-  from dpmamba_jax import losses
+  monkeypatch.setattr(predict, "CPU_PREDICT_MIN_SUB_BATCH", 4)
+  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
   traced = []
   real_predict = losses.predict
 
@@ -211,37 +210,40 @@ def test_predict_concurrent_calls_equal_one_call(monkeypatch):
     return real_predict(v, z)
 
   monkeypatch.setattr(losses, "predict", recording_predict)
-  rng, cubes, z, graphdef, params, rest = _tiny_student_scene(seed=6)
-  split = steps.make_predict_step(graphdef, width=W, patch_size=P, max_calls=4)
-  whole = steps.make_predict_step(graphdef, width=W, patch_size=P, max_calls=1)
+  rng, cubes, z, model = _tiny_student_scene(seed=6)
+  split = predict.Predictor(model, width=W, patch_size=P, batch=24, max_calls=4)
+  whole = predict.Predictor(model, width=W, patch_size=P, batch=24, max_calls=1)
   idx = jnp.asarray(rng.choice(H * W, 24, replace=False).astype(np.int32))
-  for row in ([1, 1], [0, 1], [1, 0]):
-    mask = jnp.asarray(np.tile(np.array(row, np.float32), (24, 1)))
-    got = split(params, rest, cubes, z, idx, mask)
-    chex.assert_shape(got, (24,))
-    np.testing.assert_array_equal(got, whole(params, rest, cubes, z, idx, mask))
+  masks = [jnp.asarray(np.tile(np.array(row, np.float32), (24, 1)))
+           for row in ([1, 1], [0, 1], [1, 0])]
+  got = [split.predict_batch(cubes, z, idx, mask) for mask in masks]
+  # (the two Predictors of one model share the program: its one compile is counted before
+  # `whole` adds the 24-pixel shape)
+  assert split.program._cache_size() == 1
+  for g, mask in zip(got, masks):
+    chex.assert_shape(g, (24,))
+    np.testing.assert_array_equal(g, whole.predict_batch(cubes, z, idx, mask))
   assert traced == [6, 24]  # four calls of 6 traced once; then the one call of 24
-  assert split.jitted._cache_size() == 1
 
 
 def test_predict_scene_input_equals_cubes(monkeypatch):
-  """predict.prepare's scene input (the wide modality's embedding conv run once over the cube)
-  gives the predictions of the plain cubes, complete and with either modality missing."""
-  monkeypatch.setattr(steps, "SCENE_CONV_MIN_BANDS", 6)  # modality 0 (6 bands) only
-  _, cubes, z, graphdef, params, rest = _tiny_student_scene(seed=4)
-  pred = steps.make_predict_step(graphdef, width=W, patch_size=P)
-  scene = pred.prepare(params, rest, cubes)
+  """Predictor.prepare_scene's scene input (the wide modality's embedding conv run once over
+  the cube) gives the predictions of the plain cubes, complete and with either modality missing."""
+  monkeypatch.setattr(predict, "SCENE_CONV_MIN_BANDS", 6)  # modality 0 (6 bands) only
+  _, cubes, z, model = _tiny_student_scene(seed=4)
+  pred = predict.Predictor(model, width=W, patch_size=P, batch=H * W)
+  scene = pred.prepare_scene(cubes)
   assert isinstance(scene[0], dict) and set(scene[0]) == {"conv", "ring"}
   chex.assert_shape(scene[0]["conv"], cubes[0].shape[:2] + (8,))
   assert scene[1] is cubes[1]  # 2 bands: patches as before
-  assert all(a is b for a, b in zip(pred.prepare(params, rest, scene), scene))  # pass-through
+  assert all(a is b for a, b in zip(pred.prepare_scene(scene), scene))  # pass-through
   idx = jnp.arange(H * W, dtype=jnp.int32)
   for row in ([1, 1], [0, 1], [1, 0]):
     mask = jnp.asarray(np.tile(np.array(row, np.float32), (H * W, 1)))
-    np.testing.assert_array_equal(pred(params, rest, scene, z, idx, mask),
-                                  pred(params, rest, cubes, z, idx, mask))
-  monkeypatch.setattr(steps, "SCENE_CONV_BACKENDS", ())  # e.g. a GPU: the cubes as they are
-  plain = steps.make_predict_step(graphdef, width=W, patch_size=P).prepare(params, rest, cubes)
+    np.testing.assert_array_equal(pred.predict_batch(scene, z, idx, mask),
+                                  pred.predict_batch(cubes, z, idx, mask))
+  monkeypatch.setattr(predict, "SCENE_CONV_BACKENDS", ())  # e.g. a GPU: the cubes as they are
+  plain = predict.Predictor(model, width=W, patch_size=P, batch=H * W).prepare_scene(cubes)
   assert not any(isinstance(entry, dict) for entry in plain)
 
 

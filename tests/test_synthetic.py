@@ -1,4 +1,4 @@
-"""Tests for the built-in synthetic scene (dpmamba_jax.synthetic) and its baselines tool."""
+"""Tests for the built-in synthetic scene (dpmamba_jax.data.synthetic) and its baselines tool."""
 import importlib.util
 import pathlib
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from dpmamba_jax import data
-from dpmamba_jax import datasets
-from dpmamba_jax import synthetic
+from dpmamba_jax.data import datasets
+from dpmamba_jax.data import synthetic
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

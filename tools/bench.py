@@ -6,8 +6,8 @@
 Random inputs of the real shapes (the scene is random too, at the dataset's public size). Each
 (dataset, scan impl) runs in a fresh subprocess, so `compile_s` is a cold compile and
 `peak_rss_mb` is that configuration's own peak. The steps are `dpmamba_jax.steps`'
-make_teacher_step / make_student_step / make_predict_step (the real jitted train steps: patch
-gather from the on-device scene, model, loss, grad, AdamW). Measured per configuration:
+make_teacher_step / make_student_step and `dpmamba_jax.predict.Predictor` (the real jitted train
+steps: patch gather from the on-device scene, model, loss, grad, AdamW; the real inference path). Measured per configuration:
 
   first_step_s    wall time of the first teacher step (trace + compile + run)
   compile_s       first_step_s minus the median teacher step (with --compile-cache DIR and a
@@ -25,17 +25,17 @@ gather from the on-device scene, model, loss, grad, AdamW). Measured per configu
                   training loop sees once the host runs ahead; fastest of two; None on CPU)
   infer_patches_per_s  eval forward + prediction at the first --infer-batch (every one given:
                   infer_patches_per_s_by_batch), from the scene input that evaluation and the
-                  maps use (predict.prepare: on CPU the HSI embedding conv runs once over the
+                  maps use (Predictor.prepare_scene: on CPU the HSI embedding conv runs once over the
                   whole scene, infer_scene_conv_modalities; its time, once per model and
                   scene: infer_prepare_s); the median of max(8, --steps) calls, and
                   infer_page_faults_per_call (minor faults: see "Host memory" below); on a
                   CPU a batch runs as concurrent calls on equal sub-batches, as evaluation
-                  runs it (steps.make_predict_step; `infer_calls`, --infer-calls N: at most
+                  runs it (predict.Predictor; `infer_calls`, --infer-calls N: at most
                   N calls, 1 = one call)
   peak_rss_mb     resource.getrusage peak of the subprocess (peak_rss_train_mb: the peak
                   before the inference program is compiled, i.e. of the two train steps)
 
-`--scan-impl all` runs every selective-scan implementation side by side.
+`--scan-impl all` runs both selective-scan implementations (recurrent, associative) side by side.
 
 Against the authors: for trento, houston and augsburg the JSON's `against_authors` (and a second
 printed table) puts the first scan impl's row beside the authors' PyTorch CPU figures of issue 6
@@ -46,11 +46,11 @@ speed-ups for every config; at Trento also >= 3x / 3x / 16x over the chunked var
 --compile-cache: `compile_cache_warm`).
 
 XLA flags: the subprocesses get `--xla-flags` appended to $XLA_FLAGS (default "auto":
-train.CPU_XLA_FLAGS on a CPU backend, nothing where a GPU plugin is installed; XLA:CPU's YNNPACK
-reduce fusions are several times slower than XLA's own reductions here, the teacher step drops
-from about 1.9 s to 1.3 s at Trento). `--xla-flags ""` measures XLA's default.
+runtime.CPU_XLA_FLAGS on a CPU backend, nothing where a GPU plugin is installed; XLA:CPU's YNNPACK
+reduce fusions are several times slower than XLA's own reductions here). `--xla-flags ""`
+measures XLA's default.
 
-Host memory: the subprocesses get train.hugepage_malloc_env (glibc's malloc asks for transparent
+Host memory: the subprocesses get runtime.hugepage_malloc_env (glibc's malloc asks for transparent
 huge pages on its large mappings, as the CLIs run; the row's `glibc_tunables` says whether it
 applied). `DPMAMBA_HUGEPAGE_MALLOC=0 python tools/bench.py ...` measures glibc's default.
 """
@@ -70,7 +70,7 @@ import numpy as np
 
 from dpmamba_jax import errors
 from dpmamba_jax import fileio
-from dpmamba_jax import train
+from dpmamba_jax import runtime
 
 DEFAULT_SCENES = {"trento": (166, 600), "houston": (349, 1905), "augsburg": (332, 485)}
 KEYS = ("teacher_step_s", "student_step_s", "infer_patches_per_s", "compile_s", "first_step_s",
@@ -170,20 +170,22 @@ def build(dataset: str, scan_impl: str = "auto",
   Returns a namespace: spec, cfg, cubes (padded random scene per modality), z (class text
   features), idx / labels (one train batch), t_graph / t_state / t_step (teacher graphdef, train
   state, jitted step), s_graph / s_state / s_step (the same for the student),
-  teacher_features (steps.make_teacher_features of the teacher at the train batch), predict (the
-  student's predict step, at most `infer_calls` concurrent calls per batch; None: the
-  backend's default), scene (H, W) and rng.
+  teacher_features (steps.make_teacher_features of the teacher at the train batch),
+  predictor(params, rest) (a predict.Predictor of the student with that state, at most
+  `infer_calls` concurrent calls per batch; None: the backend's default), scene (H, W) and rng.
   """
+  # jax after the parent process set the workers' XLA flags and malloc tunable
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from dpmamba_jax import datasets
-  from dpmamba_jax import model as model_lib
   from dpmamba_jax import steps
+  from dpmamba_jax.data import datasets
+  from dpmamba_jax.model import network
+  from dpmamba_jax.predict import Predictor
 
   spec = datasets.get_spec(dataset)
-  cfg = model_lib.ModelConfig.for_dataset(spec, scan_impl=scan_impl)
+  cfg = network.ModelConfig.for_dataset(spec, scan_impl=scan_impl)
   p, bsz, n_cls = spec.patch_size, spec.batch_size, spec.num_classes
   h, w = spec.scene_shape or DEFAULT_SCENES.get(spec.name, (128, 128))
   r = p // 2
@@ -196,9 +198,9 @@ def build(dataset: str, scan_impl: str = "auto",
   oc = steps.OptimConfig(lr=3e-4, warmup_init=1e-6, lr_min=1e-6, warmup_steps=10,
                          total_steps=1000)
   tx, sched = steps.make_optimizer(oc)
-  teacher = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
+  teacher = network.DPMamba(cfg, rngs=nnx.Rngs(0))
   t_graph, t_state = steps.init_train_state(teacher, tx, jax.random.PRNGKey(0))
-  student = model_lib.DPMamba(cfg.replace(prompts=True), rngs=nnx.Rngs(1))
+  student = network.DPMamba(cfg.replace(prompts=True), rngs=nnx.Rngs(1))
   s_graph, s_state = steps.init_train_state(student, tx, jax.random.PRNGKey(1))
   return types.SimpleNamespace(
       spec=spec, cfg=cfg, cubes=cubes, z=z, idx=idx, labels=labels, scene=(h, w), rng=rng,
@@ -209,7 +211,8 @@ def build(dataset: str, scan_impl: str = "auto",
                                      num_modalities=cfg.num_modalities, batch_size=bsz),
       teacher_features=steps.make_teacher_features(t_graph, width=w, patch_size=p,
                                                    batch_size=bsz),
-      predict=steps.make_predict_step(s_graph, width=w, patch_size=p, max_calls=infer_calls))
+      predictor=lambda params, rest: Predictor(nnx.merge(s_graph, params, rest), width=w,
+                                               patch_size=p, max_calls=infer_calls))
 
 
 def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int],
@@ -218,17 +221,17 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   import jax
   import jax.numpy as jnp
 
-  from dpmamba_jax import scan
-  from dpmamba_jax import steps
+  from dpmamba_jax import predict as predict_lib
+  from dpmamba_jax.model import scan
 
-  train.release_memory_after_compiles()  # as the CLIs do
+  runtime.release_memory_after_compiles()  # as the CLIs do
 
   env = build(dataset, scan_impl, infer_calls)
   spec, cfg, cubes, z, idx, labels, rng = (env.spec, env.cfg, env.cubes, env.z, env.idx,
                                            env.labels, env.rng)
   p, bsz = spec.patch_size, spec.batch_size
   h, w = env.scene
-  t_step, s_step, predict = env.t_step, env.s_step, env.predict
+  t_step, s_step = env.t_step, env.s_step
   box = {"t": env.t_state}
 
   def teacher_once():
@@ -276,14 +279,14 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   pipelined_s = _times(student_10, 2)[1] / 10 if jax.default_backend() != "cpu" else None
 
   train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-  s_params, s_rest = box["s"].params, box["s"].batch_stats
+  predictor = env.predictor(box["s"].params, box["s"].batch_stats)
   batches = [infer_batch] if isinstance(infer_batch, int) else list(infer_batch)
   # as evaluation and the maps run it: the scene input prepared once per model (the wide
   # modality's embedding conv over the whole scene on CPU), then batches of pixel indices
   t0 = time.perf_counter()
-  jax.block_until_ready(predict.prepare(s_params, s_rest, cubes))  # dropped: one scene at a time
+  jax.block_until_ready(predictor.prepare_scene(cubes))  # dropped: one scene at a time
   t1 = time.perf_counter()
-  scene = jax.block_until_ready(predict.prepare(s_params, s_rest, cubes))
+  scene = jax.block_until_ready(predictor.prepare_scene(cubes))
   prepare_first, prepare_s = t1 - t0, time.perf_counter() - t1
   by_batch = {}
   for b in batches:
@@ -291,7 +294,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
     mask = jnp.ones((b, cfg.num_modalities), jnp.float32)
 
     def infer_once():
-      jax.block_until_ready(predict(s_params, s_rest, scene, z, idx_i, mask))
+      jax.block_until_ready(predictor.predict_batch(scene, z, idx_i, mask))
 
     infer_once()
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -300,11 +303,11 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / n_infer
     by_batch[b] = (b / infer_s, b / infer_min, faults)
   return dict(dataset=spec.name, scan_impl=scan_impl,
-              resolved_impl=scan.resolve_impl(scan_impl, scan.zigzag_paths(p)),
+              resolved_impl=scan.resolve_impl(scan_impl),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
               batch=bsz, patch=p, bands=list(cfg.bands),
               infer_batch=batches[0], steps_source="dpmamba_jax.steps",
-              infer_calls=steps.predict_calls(batches[0], predict.max_calls),
+              infer_calls=predict_lib.predict_calls(batches[0], predictor.max_calls),
               teacher_step_s=teacher_s, student_step_s=student_s,
               teacher_step_min_s=teacher_min, student_step_min_s=student_min,
               student_step_pipelined_s=pipelined_s,
@@ -333,7 +336,7 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   if args.xla_flags:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-  env = train.hugepage_malloc_env(env) or env  # as the CLIs run (train.reexec_with_hugepage_malloc)
+  env = runtime.hugepage_malloc_env(env) or env  # as the CLIs run (reexec_with_hugepage_malloc)
   if args.compile_cache:
     cmd += ["--compile-cache", os.path.abspath(args.compile_cache)]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -368,16 +371,16 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--dataset", action="append", help="trento (default), houston, augsburg, ...")
   ap.add_argument("--scan-impl", action="append",
-                  help="auto (default), recurrent, associative, chunked, sequential, or all")
+                  help="auto (default), recurrent, associative, or all")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
   ap.add_argument("--infer-batch", type=int, action="append",
                   help="inference batch (default 512; repeat to time several)")
   ap.add_argument("--infer-calls", type=int, default=None,
                   help="at most this many concurrent calls per inference batch (default: "
-                       "steps.CPU_PREDICT_CALLS on a CPU, 1 elsewhere; 1 = one call)")
+                       "predict.CPU_PREDICT_CALLS on a CPU, 1 elsewhere; 1 = one call)")
   ap.add_argument("--xla-flags", default="auto",
                   help="appended to $XLA_FLAGS of each run (default auto: "
-                       f"{train.CPU_XLA_FLAGS!r} unless a GPU plugin is installed)")
+                       f"{runtime.CPU_XLA_FLAGS!r} unless a GPU plugin is installed)")
   ap.add_argument("--compile-cache", metavar="DIR", default=None,
                   help="use JAX's persistent compilation cache in DIR (as the CLIs do); run twice "
                        "to time the first step with a warm cache")
@@ -386,16 +389,16 @@ def main(argv=None) -> int:
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.xla_flags == "auto":
-    args.xla_flags = train.cpu_xla_flags()
+    args.xla_flags = runtime.cpu_xla_flags()
 
-  from dpmamba_jax import datasets
-  from dpmamba_jax import scan
+  from dpmamba_jax.data import datasets  # light, but imported with jax after the flags
+  from dpmamba_jax.model import scan
   names = args.dataset or ["trento"]
   for n in names:
     datasets.get_spec(n)  # UserError for unknown names
   impls = args.scan_impl or ["auto"]
   if "all" in impls:
-    impls = [i for i in scan.SELECTIVE_SCAN_IMPLS if i != "sequential"] + ["sequential"]
+    impls = [i for i in scan.SELECTIVE_SCAN_IMPLS if i != "auto"]
   for i in impls:
     if i not in scan.SELECTIVE_SCAN_IMPLS:
       raise errors.UserError(f"--scan-impl {i!r}: expected one of "
@@ -408,7 +411,7 @@ def main(argv=None) -> int:
   if args.worker:
     if args.compile_cache:
       os.environ["DPMAMBA_XLA_CACHE_DIR"] = args.compile_cache
-      train.setup_compile_cache(True)
+      runtime.setup_compile_cache(True)
     row = run_one(names[0], impls[0], args.steps, args.infer_batch, args.infer_calls)
     row["compile_cache"] = args.compile_cache
     print(json.dumps(row))

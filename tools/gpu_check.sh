@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200: Houston-sized streaming scene inference, the parity tests at
 # matmul precision "highest", benchmark, short synthetic train. Fits 5 minutes: 247 s on an
-# H200 (2026-11-27), most of it XLA:GPU compiles (README, GPU check).
+# H200 (2026-11-27), most of it XLA:GPU compiles (docs/gpu.md).
 #
 #   tools/gpu_check.sh [OUT_DIR]          # default $OUT if set, else ./gpu_check_out
 #

@@ -20,9 +20,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dpmamba_jax import checkpoint  # noqa: E402
 from dpmamba_jax import errors  # noqa: E402
 from dpmamba_jax import fileio  # noqa: E402
-from dpmamba_jax import torch_import  # noqa: E402
+from dpmamba_jax.data import datasets  # noqa: E402
+from dpmamba_jax.model import torch_import  # noqa: E402
 from dpmamba_jax.errors import UserError  # noqa: E402
 
 ANCHOR = "patch_embedding.0.0.weight"
@@ -78,7 +80,6 @@ def main(argv=None) -> int:
   prefix = pick_prefix(sd.keys(), args.prefix, args.input)
   patch_size, spec = args.patch_size, None
   if args.dataset:
-    from dpmamba_jax import datasets
     spec = datasets.get_spec(args.dataset)
     patch_size = patch_size or spec.patch_size
   model, cfg = torch_import.import_state_dict(sd, prefix=prefix, patch_size=patch_size,
@@ -95,7 +96,6 @@ def main(argv=None) -> int:
   meta = {"source": os.path.abspath(args.input), "format": "torch-state-dict",
           "prefix": prefix, "nonzero_initial_state_dropped": dropped_state,
           "dataset": spec.name if spec is not None else None}
-  from dpmamba_jax import checkpoint
   checkpoint.save_model(args.output, model, cfg, meta)
   role = "student" if cfg.prompts else "teacher"
   print(f"wrote {args.output}: {role}, bands {cfg.bands}, patch {cfg.patch_size}, "

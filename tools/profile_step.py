@@ -14,7 +14,7 @@ On a GPU, XLA's command buffers (CUDA graphs) are turned off for the run so that
 its own trace event: the per-line times hold, the total is a little higher than a normal step.
 On a CPU every XLA op (fusion, matmul, loop body op) is an event. Times are per step (the trace
 total divided by --steps). The predict step runs each batch as one call unless --infer-calls N
-(evaluation's CPU default is steps.CPU_PREDICT_CALLS concurrent calls): the ops of concurrent
+(evaluation's CPU default is predict.CPU_PREDICT_CALLS concurrent calls): the ops of concurrent
 calls overlap, and their times then include the wait for a core.
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench.py, beside this file
 
 from dpmamba_jax import errors  # noqa: E402
+from dpmamba_jax import fileio  # noqa: E402
+from dpmamba_jax import runtime  # noqa: E402
 
 _FRAME_SECTIONS = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 _PACKAGE = "dpmamba_jax" + os.sep
@@ -147,11 +149,11 @@ def run(dataset: str, step: str, batch: int, n_steps: int, dump_dir: str,
   else:
     idx = jnp.asarray(env.rng.integers(0, h * w, batch).astype(np.int32))
     mask = jnp.ones((batch, env.cfg.num_modalities), jnp.float32)
-    params, rest = env.s_state.params, env.s_state.batch_stats
-    scene = env.predict.prepare(params, rest, env.cubes)  # as evaluation runs it
+    predictor = env.predictor(env.s_state.params, env.s_state.batch_stats)
+    scene = predictor.prepare_scene(env.cubes)  # as evaluation runs it
 
     def once():
-      jax.block_until_ready(env.predict(params, rest, scene, env.z, idx, mask))
+      jax.block_until_ready(predictor.predict_batch(scene, env.z, idx, mask))
   once()
   once()
   with tempfile.TemporaryDirectory(prefix="profile_step_trace_") as trace_dir:
@@ -199,25 +201,21 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.batch < 1 or args.steps < 1 or args.infer_calls < 1:
     raise errors.UserError("--batch, --steps and --infer-calls: expected positive ints")
-  from dpmamba_jax import datasets, train
+  from dpmamba_jax.data import datasets  # with jax, after the XLA flags are set below
   datasets.get_spec(args.dataset)  # UserError for unknown names
   with tempfile.TemporaryDirectory(prefix="profile_step_hlo_") as dump_dir:
     flags = [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_as_text",
-             "--xla_dump_hlo_module_re=jit_(step|predict)", train.cpu_xla_flags()]
-    if any(k in (train.accelerator_plugin() or "") for k in ("cuda", "rocm")):
+             "--xla_dump_hlo_module_re=jit_(step|predict)", runtime.cpu_xla_flags()]
+    if any(k in (runtime.accelerator_plugin() or "") for k in ("cuda", "rocm")):
       flags.append("--xla_gpu_enable_command_buffer=")
     os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
     result = run(args.dataset, args.step, args.batch, args.steps, dump_dir, args.infer_calls)
   print(format_report(result, args.top))
   if args.json:
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(result, f, indent=1)
-    os.replace(tmp, args.json)
+    fileio.write_json(args.json, result)
   return 0
 
 
 if __name__ == "__main__":
-  from dpmamba_jax import train as _train
-  _train.reexec_with_hugepage_malloc()
+  runtime.reexec_with_hugepage_malloc()
   raise SystemExit(main())

@@ -38,8 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from dpmamba_jax import config as config_lib  # noqa: E402
-from dpmamba_jax import datasets, errors  # noqa: E402
+from dpmamba_jax import errors, fileio  # noqa: E402
+from dpmamba_jax.data import datasets  # noqa: E402
 from dpmamba_jax import masks as masks_lib  # noqa: E402
 
 # name -> (label in the tables, --set switches). Order = run order (dpmamba first: its teacher
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
   grid = collect(root, names, variants, args.seeds)
   text = render(grid, names, variants, args.seeds, epochs=args.epochs, title=args.title)
   out = args.out or os.path.join(root, "report.md")
-  config_lib.save_text(out, text)
+  fileio.write_text(out, text)
   print(text)
   print(f"written: {out}")
   if failed:

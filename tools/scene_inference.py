@@ -3,7 +3,7 @@
   python tools/scene_inference.py                      # 349 x 1905, bands 48 + 1, P 11, batch 1024
   python tools/scene_inference.py --rows 40 --json     # only the first 40 rows (quick CPU check)
 
-The paper model (random weights) classifies every pixel through `maps.predict_scene`: the padded
+The paper model (random weights) classifies every pixel through `predict.Predictor`: the padded
 per-modality cubes are put on the device once and each fixed-size batch's patches are gathered
 inside the jitted predict step from (batch,) flat indices (the last batch padded, one compile),
 so memory stays bounded by one batch whatever the scene size. With several devices the batches
@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dpmamba_jax import errors  # noqa: E402
+from dpmamba_jax import runtime  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -73,31 +74,32 @@ def main(argv=None) -> int:
   rows = h if args.rows is None else args.rows
   if not 1 <= rows <= h:
     raise errors.UserError(f"--rows {rows}: expected 1..{h}")
-  from dpmamba_jax import train
-  train.setup_cpu_flags()
+  runtime.setup_cpu_flags()
+  # jax after the XLA flags (and after the re-exec, runtime.py)
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from dpmamba_jax import data, evaluate, steps
-  from dpmamba_jax import model as model_lib
+  from dpmamba_jax import sharding
+  from dpmamba_jax.data.patches import pad_cubes
+  from dpmamba_jax.model import network
+  from dpmamba_jax.predict import Predictor
 
   t_start = time.time()
   rng = np.random.default_rng(args.seed)
   dev_cubes = []
   for c in bands:  # one modality at a time, so the host holds at most one padded cube
     cube = rng.standard_normal((h, w, c), dtype=np.float32)
-    padded = data.pad_cubes([cube], args.patch)[0]
+    padded = pad_cubes([cube], args.patch)[0]
     del cube
     dev_cubes.append(jax.device_put(jnp.asarray(padded)))
     del padded
   z = jnp.asarray(rng.standard_normal((args.classes, args.text_dim), dtype=np.float32))
   kw = {} if args.scan_impl is None else {"scan_impl": args.scan_impl}
-  cfg = model_lib.ModelConfig(bands=bands, patch_size=args.patch, out_dim=args.text_dim, **kw)
-  model = model_lib.DPMamba(cfg, rngs=nnx.Rngs(args.seed))
-  graphdef, params, rest = steps.split_model(model)
-  mesh = steps.data_parallel_mesh(b, enabled=args.data_parallel, what="inference batch",
-                                  log=lambda m: print(m, file=sys.stderr))
-  predict_fn = steps.make_predict_step(graphdef, width=w, patch_size=args.patch, mesh=mesh)
+  cfg = network.ModelConfig(bands=bands, patch_size=args.patch, out_dim=args.text_dim, **kw)
+  model = network.DPMamba(cfg, rngs=nnx.Rngs(args.seed))
+  mesh = sharding.data_parallel_mesh(b, enabled=args.data_parallel, what="inference batch",
+                                     log=lambda m: print(m, file=sys.stderr))
+  predictor = Predictor(model, width=w, patch_size=args.patch, batch=b, mesh=mesh)
   m = len(bands)
   row = None
   if args.mask:
@@ -108,20 +110,16 @@ def main(argv=None) -> int:
 
   # Compile (and run) one batch first so that the timed pass is steady-state.
   t0 = time.time()
-  evaluate.predict_pixels(predict_fn, params, rest, dev_cubes, z, np.arange(b, dtype=np.int32),
-                          row, m, b)
+  predictor.predict_pixels(dev_cubes, z, np.arange(b, dtype=np.int32), row)
   compile_s = time.time() - t0
   rss_compiled = peak_rss_mb()
   n = rows * w
   t0 = time.time()
   if rows == h:
-    from dpmamba_jax import maps
-    pred = maps.predict_scene(predict_fn, params, rest, dev_cubes, z, h, w, row, m, b,
-                              desc="scene" if not args.json else None)
+    pred = predictor.predict_scene(dev_cubes, z, h, row, desc="scene" if not args.json else None)
   else:
-    pred = evaluate.predict_pixels(predict_fn, params, rest, dev_cubes, z,
-                                   np.arange(n, dtype=np.int32), row, m, b,
-                                   desc="scene" if not args.json else None)
+    pred = predictor.predict_pixels(dev_cubes, z, np.arange(n, dtype=np.int32), row,
+                                    desc="scene" if not args.json else None)
   wall = time.time() - t0
   rss = peak_rss_mb()
   counts = np.bincount(np.asarray(pred).ravel(), minlength=args.classes)
@@ -148,6 +146,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from dpmamba_jax import train as _train
-  _train.reexec_with_hugepage_malloc()
+  runtime.reexec_with_hugepage_malloc()
   raise SystemExit(main())

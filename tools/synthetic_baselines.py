@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from dpmamba_jax import data
-from dpmamba_jax import datasets
+from dpmamba_jax.data import datasets
 from dpmamba_jax import errors
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from dpmamba_jax.errors import UserError
-from dpmamba_jax.model import DPMamba, ModelConfig
+from dpmamba_jax.model.network import DPMamba, ModelConfig
 
 Path = tuple
 IGNORED_SUFFIXES = (".initial_state", ".num_batches_tracked")

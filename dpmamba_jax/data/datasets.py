@@ -9,7 +9,7 @@ import dataclasses
 from typing import Optional
 
 from dpmamba_jax import errors
-from dpmamba_jax.synthetic import SyntheticConfig
+from dpmamba_jax.data.synthetic import SyntheticConfig
 
 RGB = tuple[int, int, int]
 
@@ -167,7 +167,7 @@ DATASETS: dict[str, DatasetSpec] = {s.name: _check(s) for s in (
         patch_size=9, batch_size=72, train_per_class=36, epochs=60, warmup_epochs=5,
         grad_clip=1.0, text_key="Synthetic", file_stems=_stems("HSI", "LiDAR"),
         folder_names=("synthetic",),
-        source="built in (dpmamba_jax.synthetic), no files needed",
+        source="built in (dpmamba_jax.data.synthetic), no files needed",
         scene_shape=(96, 96), palette=_SYNTHETIC_PALETTE,
         synthetic=SyntheticConfig(height=96, width=96, num_classes=6, bands=(24, 1), seed=0)),
 )}

@@ -1,4 +1,4 @@
-"""Zigzag scan paths and the selective SSM core (spec §2.6-2.8).
+"""Zigzag scan paths and the selective SSM core (spec §2.6-2.8): the model's scan, in one file.
 
 The SSM is the reference's Mamba-2 SSD module without in/out projections: per scan direction k a
 projection of each token to (Δ per head, B, C), Δ = softplus(raw + bias), one scalar
@@ -7,6 +7,11 @@ directions are evaluated along their zigzag paths, put back in raster order and 
 
 Layout: tokens are channels-last, ``u`` is (B, L, D) with L = P * P in row-major pixel order.
 Per direction, the D channels are split into R heads of D / R channels (channel c -> head c // Dh).
+
+Two formulations compute the same function (`selective_scan(impl=...)`, a run-time choice):
+"recurrent" (one lax.scan over the path positions with a hand-written VJP; the CPU default) and
+"associative" (one jax.lax.associative_scan over all directions and heads; the default on GPU).
+A sequential lax.scan reference and a float64 numpy loop live in tests/scan_reference.py.
 """
 from __future__ import annotations
 
@@ -16,12 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpmamba_jax import ssd_chunked
-
 NUM_DIRECTIONS = 4
-SCAN_IMPLS = ("associative", "sequential")  # linear_recurrence implementations
 # selective_scan implementations: "auto" is "recurrent" on CPU and "associative" elsewhere.
-SELECTIVE_SCAN_IMPLS = ("auto", "associative", "sequential", "chunked", "recurrent")
+SELECTIVE_SCAN_IMPLS = ("auto", "recurrent", "associative")
 
 
 @functools.lru_cache(maxsize=None)
@@ -153,38 +155,23 @@ def _linrec_bwd(axis, res, g):
 _linrec_associative.defvjp(_linrec_fwd, _linrec_bwd)
 
 
-def linear_recurrence(a: jax.Array, b: jax.Array, *, axis: int, impl: str = "associative") -> jax.Array:
+def linear_recurrence(a: jax.Array, b: jax.Array, *, axis: int) -> jax.Array:
   """h_t = a_t * h_{t-1} + b_t along `axis` with h_{-1} = 0.
 
   `a` must broadcast against `b` (same rank; it may have size-1 axes); the result has b's shape.
-  impl "associative" uses one jax.lax.associative_scan (and one reversed scan for the gradient,
-  via a custom VJP); "sequential" a lax.scan (reference).
+  One jax.lax.associative_scan, and one reversed scan for the gradient (a custom VJP).
   """
-  if impl == "associative":
-    if a.ndim != b.ndim:
-      raise ValueError(f"a {a.shape} and b {b.shape} must have the same rank")
-    return _linrec_associative(a, b, axis % b.ndim)
-  if impl == "sequential":
-    a_t = jnp.moveaxis(jnp.broadcast_to(a, b.shape), axis, 0)
-    b_t = jnp.moveaxis(b, axis, 0)
-
-    def step(h, ab):
-      h = ab[0] * h + ab[1]
-      return h, h
-
-    _, h = jax.lax.scan(step, jnp.zeros_like(b_t[0]), (a_t, b_t))
-    return jnp.moveaxis(h, 0, axis)
-  raise ValueError(f"scan impl must be one of {SCAN_IMPLS}, got {impl!r}")
+  if a.ndim != b.ndim:
+    raise ValueError(f"a {a.shape} and b {b.shape} must have the same rank")
+  return _linrec_associative(a, b, axis % b.ndim)
 
 
-def resolve_impl(impl: str, paths: np.ndarray | None = None) -> str:
+def resolve_impl(impl: str) -> str:
   """The selective-scan implementation that `impl` runs on the current default backend."""
   if impl not in SELECTIVE_SCAN_IMPLS:
     raise ValueError(f"scan impl must be one of {SELECTIVE_SCAN_IMPLS}, got {impl!r}")
   if impl == "auto":
     impl = "recurrent" if jax.default_backend() == "cpu" else "associative"
-  if impl == "chunked" and paths is not None and not ssd_chunked.supports(paths):
-    impl = "associative"
   return impl
 
 
@@ -201,34 +188,30 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
     a_log: (K, R); A = -exp(a_log), one scalar per head.
     d_skip: (K, D) skip weight per direction and channel.
     paths: (K, L) int scan orders (numpy, static), e.g. ``zigzag_paths(P)``.
-    time_major: u (and the result) are (L, B, D) instead of (B, L, D); "recurrent",
-      "associative" and "sequential" work in that layout, "chunked" transposes.
-    impl: "associative" (one associative_scan over all directions and heads), "sequential"
-      (lax.scan reference), "chunked" (`ssd_chunked`: P x P in-chunk matrices, no per-direction
-      gathers; falls back to "associative" for paths without row/column chunks), "recurrent"
-      (`selective_scan_recurrent`: one lax.scan step per path position, time-major) or "auto"
-      ("recurrent" on the CPU backend, where it is the fastest, else "associative").
+    time_major: u (and the result) are (L, B, D) instead of (B, L, D), the layout both
+      implementations work in.
+    impl: "associative" (one associative_scan over all directions and heads), "recurrent"
+      (`selective_scan_recurrent`: one lax.scan step per path position) or "auto" ("recurrent"
+      on the CPU backend, where it is the fastest, else "associative").
 
   Returns:
     (B, L, D) float32: sum over directions of the outputs, in raster order ((L, B, D) when
     time_major).
   """
-  impl = resolve_impl(impl, paths)
-  if impl == "recurrent":
-    if time_major:
-      return selective_scan_recurrent(u, x_proj, dt_bias, a_log, d_skip, paths)
-    return jnp.swapaxes(selective_scan_recurrent(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log,
-                                                 d_skip, paths), 0, 1)
-  if impl == "chunked":  # batch-major
-    if time_major:
-      return jnp.swapaxes(ssd_chunked.selective_scan_chunked(
-          jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log, d_skip, paths), 0, 1)
-    return ssd_chunked.selective_scan_chunked(u, x_proj, dt_bias, a_log, d_skip, paths)
-  # "associative" / "sequential" work time-major: the scan axis L leads, so its slices are
-  # whole (B, ...) slabs, and the blocks' (P, P, B, h) features need no transpose
+  # both work time-major: the scan axis L leads, so its slices are whole (B, ...) slabs, and the
+  # blocks' (P, P, B, h) features need no transpose
   if not time_major:
     return jnp.swapaxes(selective_scan(jnp.swapaxes(u, 0, 1), x_proj, dt_bias, a_log, d_skip,
                                        paths, impl=impl, time_major=True), 0, 1)
+  if resolve_impl(impl) == "recurrent":
+    return selective_scan_recurrent(u, x_proj, dt_bias, a_log, d_skip, paths)
+  return selective_scan_associative(u, x_proj, dt_bias, a_log, d_skip, paths)
+
+
+def selective_scan_associative(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array,
+                               a_log: jax.Array, d_skip: jax.Array, paths: np.ndarray) -> jax.Array:
+  """`selective_scan` on time-major tokens (L, B, D) as one associative scan over the (K, L)
+  gathered paths; the state is (K, L, B, R, Dh, N). Other arguments as `selective_scan`."""
   gather, merge = path_ops(paths, axis=0)
   length, bsz, dim = u.shape
   k_dirs, r_heads = a_log.shape
@@ -247,7 +230,7 @@ def selective_scan(u: jax.Array, x_proj: jax.Array, dt_bias: jax.Array, a_log: j
   decay = jnp.exp(dt * a_head[:, None, None, :])[..., None, None]  # (K, L, B, R, 1, 1)
   drive = (dt[..., None, None] * x_h[..., None]
            * b_in[:, :, :, None, None, :])  # (K, L, B, R, Dh, N)
-  h = linear_recurrence(decay, drive, axis=1, impl=impl)  # (K, L, B, R, Dh, N)
+  h = linear_recurrence(decay, drive, axis=1)  # (K, L, B, R, Dh, N)
   # contraction over N as multiply + sum: a dot_general with K*L*B batch dims is slow on CPU
   y = (h * c_out[:, :, :, None, None, :]).sum(axis=-1).reshape(k_dirs, length, bsz, dim)
   y = y + d_skip[:, None, None, :] * xs  # (K, L, B, D)
@@ -262,8 +245,8 @@ def selective_scan_recurrent(u_tm: jax.Array, x_proj: jax.Array, dt_bias: jax.Ar
   u_tm: (L, B, D) tokens in raster order, time-major -> (L, B, D). With the tokens time-major
   the K tokens a step visits (one per direction) are K contiguous (B, D) slabs (a cheap row
   gather), the per-step work is elementwise on (K, B, D) arrays and each direction's output is
-  added into its token's slab in place. No (B, K, L, D) array exists; on CPU this is several
-  times faster than the chunked and associative forms. Other arguments as `selective_scan`.
+  added into its token's slab in place. No (B, K, L, D) array exists, which is why this form is
+  the faster one on CPU. Other arguments as `selective_scan`.
   """
   length, bsz, dim = u_tm.shape
   k_dirs, r_heads = a_log.shape
@@ -293,10 +276,8 @@ def _head_state_sum_matrix(r_heads: int, head_dim: int, n_state: int) -> np.ndar
 
 
 # The recurrent scan's VJP keeps every step's state up to this many bytes per scan; above it,
-# only the state entering each segment (see `_recurrence_fn`). Trento's teacher step (B 120,
-# L 225, h 64: 27.6 MB per scan, six scans) needs 147 MB less XLA temp memory that way, for a
-# second pass of the cheap state update in the backward (~10 % of a step at Augsburg's shapes,
-# 11.6 MB per scan, which keeps all).
+# only the state entering each segment (see `_recurrence_fn`): less memory at Trento's shapes for
+# a second pass of the cheap state update in the backward (docs/performance.md).
 SCAN_STATES_KEPT_MAX_BYTES = 24 << 20
 
 
@@ -394,8 +375,7 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
 
     def back_step(carry, t, h_t, h_prev):
       # lam_{t+1} (K, B, R, Dh, N) and decay_{t+1} (K, B, R, 1, 1), not their product: carrying
-      # decay_{t+1} lam_{t+1} made XLA copy the carry on every step (four fusions recomputed lam
-      # from it while the next carry was written in place); now lam is one fusion's output.
+      # the product made XLA copy the carry on every step.
       lam_next, a_next, g_u = carry
       tok, a, delta, b, c = at_step(t, decay, dt, b_in, c_out)
       x_t = split_heads(u_tm[tok], r_heads)  # (K, B, R, Dh, 1)
@@ -405,9 +385,8 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       g_u = g_u.at[tok].add(g_x.reshape(k_dirs, bsz, dim))
       # d decay, d dt (K, B, R), d b_in, d c_out (K, B, N) from three sums over Dh, of lam h_prev,
       # lam x and g_y h, as one matmul with a 0/1 matrix (as plain sums XLA:CPU emits them inside
-      # the loop as scalar code, ~100 ms of a Trento teacher step); d dt and d b_in both come
-      # from the second, weighted by b and by delta. Four products in two stacks and matmuls
-      # (one per pair) wrote a third more per step.
+      # the loop as scalar code); d dt and d b_in both come from the second, weighted by b and
+      # by delta.
       sums = (jnp.stack([lam * h_prev, lam * x_t, g_y * h_t]).reshape(3, k_dirs * bsz, -1)
               @ to_head_state).reshape(3, k_dirs, bsz, r_heads, -1)  # (3, K, B, R, N)
       b_n, delta_r = b[:, :, :, 0], delta[..., 0]  # (K, B, 1, N), (K, B, R, 1)
@@ -448,29 +427,3 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
 
   recurrence.defvjp(fwd, bwd)
   return recurrence
-
-
-def selective_scan_numpy(u, x_proj, dt_bias, a_log, d_skip, paths) -> np.ndarray:
-  """Plain float64 loop over (direction, step) of the same recurrence; a test reference."""
-  u = np.asarray(u, np.float64)
-  x_proj = np.asarray(x_proj, np.float64)
-  bsz, length, dim = u.shape
-  k_dirs, r_heads = np.shape(a_log)
-  n_state = (x_proj.shape[-1] - r_heads) // 2
-  head_dim = dim // r_heads
-  a_head = -np.exp(np.asarray(a_log, np.float64))
-  out = np.zeros((bsz, length, dim))
-  for k in range(k_dirs):
-    h = np.zeros((bsz, r_heads, head_dim, n_state))
-    for t in range(length):
-      p = paths[k][t]
-      x = u[:, p, :]  # (B, D)
-      z = x @ x_proj[k]  # (B, R+2N)
-      dt = np.logaddexp(0.0, z[:, :r_heads] + dt_bias[k])  # softplus, (B, R)
-      bb, cc = z[:, r_heads:r_heads + n_state], z[:, r_heads + n_state:]
-      xh = x.reshape(bsz, r_heads, head_dim)
-      h = (np.exp(dt * a_head[k])[:, :, None, None] * h
-           + dt[:, :, None, None] * xh[..., None] * bb[:, None, None, :])
-      y = np.einsum("brdn,bn->brd", h, cc).reshape(bsz, dim) + d_skip[k] * x
-      out[:, p, :] += y
-  return out

@@ -1,4 +1,21 @@
-"""Ablation Variant-2a (`backbone=vit`): the modality-aware Mamba blocks replaced by a small ViT.
+"""The pieces that replace a component in the ablation variants of the paper's Tables 1 and 3.
+
+Switches (RunConfig keys, `--set KEY=VALUE`; the default is the paper's method):
+
+  distill=kl        Variant-1   L_TBD replaced by KL distillation (T = 4), losses.kl_distill_loss
+  backbone=vit      Variant-2a  modality-aware Mamba blocks replaced by transformer layers: `ViTBlock`
+  fusion=add        Variant-2b  attention fusion (AF) replaced by a plain sum: `AddFusion`
+  mixer=dwconv      Variant-2c  the selective scan (MISM) replaced by a depthwise 3x3 conv:
+                                `DWConvMixer`
+  prompts=false     Variant-3   the student has no prompts: missing features are zero-filled in
+                                student training and at test time
+  modalities=HSI    HSI-Net (LiDAR-Net, SAR-Net): the dataset restricted to the named modalities
+                                (data/subsets.py)
+
+The model-side switches are ModelConfig fields (backbone, fusion, mixer, prompts); blocks.py and
+network.py build these modules in their place.
+
+Variant-2a (`backbone=vit`): the modality-aware Mamba blocks replaced by a small ViT.
 
 Every modality's embedded patch (B, P, P, h) (the same PatchEmbed as the method, with zeros or
 prompts already in the slots of missing modalities) gives L = P*P tokens of width h; the M*L
@@ -27,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from dpmamba_jax.model.conv import Conv3x3
 
 MLP_RATIO = 0.5
 
@@ -102,3 +121,39 @@ class ViTBlock(nnx.Module):
     if details is not None:
       details["tokens"] = x
     return [x[:, m * n_tok:(m + 1) * n_tok].reshape(b, p, p, h) for m in range(m_count)]
+
+
+class AddFusion(nnx.Module):
+  """Variant-2b: fusion by addition, sum_i z_i (no 1/n mean, no parameters, no dropout).
+
+  Same call signature as blocks.AttentionFusion; `rate` and `key` are accepted and ignored (there
+  are no fusion weights to drop out). With one input it is the identity, as AF is.
+  """
+
+  def __init__(self):
+    pass
+
+  def __call__(self, zs: Sequence[jax.Array], *, rate: float = 0.0,
+               key: jax.Array | None = None) -> jax.Array:
+    """zs: n arrays (B, H, W, C) -> (B, H, W, C)."""
+    del rate, key
+    out = zs[0]
+    for z in zs[1:]:
+      out = out + z
+    return out
+
+
+class DWConvMixer(nnx.Module):
+  """Variant-2c: the zigzag selective scan replaced by a depthwise 3x3 conv (+ bias), h -> h.
+
+  Params: kernel (3, 3, 1, h), bias (h,): 10 h scalars (PyTorch default init, like conv.Conv3x3).
+  Same call signature as blocks.ZigzagSSM (`impl` is ignored).
+  """
+
+  def __init__(self, hidden: int, *, rngs: nnx.Rngs):
+    self.conv = Conv3x3(hidden, hidden, hidden, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, impl: str | None = None, layout: str = "NHWC") -> jax.Array:
+    """x: (B, P, P, h) -> (B, P, P, h), or (P, P, B, h) with layout "HWNC"."""
+    del impl
+    return self.conv(x, layout)

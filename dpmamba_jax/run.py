@@ -1,0 +1,121 @@
+"""The data of one run: scene, split, the model inputs on the device and the text features.
+
+`load_run_data(cfg, spec, workdir)` is what training, evaluation and the maps start from; the
+split is drawn once and kept in <workdir>/split.npz, so a resume or a re-evaluation scores the
+same pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpmamba_jax import data as data_lib
+from dpmamba_jax import sharding
+from dpmamba_jax import text
+from dpmamba_jax.data import subsets
+
+
+
+@dataclasses.dataclass
+class RunData:
+  """What the steps, the evaluation and the maps need, with the scene cubes on the device."""
+  cfg: Any                    # RunConfig
+  spec: Any                   # DatasetSpec
+  labels: np.ndarray          # (H, W) int32, 0 = unlabelled
+  split: Any                  # data_lib.Split
+  cubes: list                 # per modality (H + 2r, W + 2r, C_m) jax arrays (padded)
+  z: Any                      # (C, D) jax array, text features
+  text_encoder: str
+  text_sha256: str | None
+  train_labels: np.ndarray    # (N_train,) int32 0-based, aligned with split.train_idx
+  # data-parallel meshes for inference batches, by batch size (`inference_mesh`)
+  _meshes: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def height(self) -> int:
+    return int(self.labels.shape[0])
+
+  @property
+  def width(self) -> int:
+    return int(self.labels.shape[1])
+
+  @property
+  def patch_size(self) -> int:
+    return int(self.cfg.patch_size)
+
+  def inference_mesh(self, batch: int) -> jax.sharding.Mesh | None:
+    """The data mesh for inference batches of `batch` (None = one device), decided and logged
+    once per run and batch size (`cfg.data_parallel` switches it off)."""
+    if jax.device_count() == 1:
+      return None
+    if batch not in self._meshes:
+      log = print if jax.process_index() == 0 else None  # one line per run, not per host
+      self._meshes[batch] = sharding.data_parallel_mesh(
+          batch, enabled=bool(self.cfg.data_parallel), what="inference batch", log=log)
+    return self._meshes[batch]
+
+
+def _load_scene(cfg, spec):
+  if cfg.modalities:  # a subset of the modalities (data/subsets.py): load them all, keep those
+    subset, spec = spec, subsets.full_spec(spec)
+    return subsets.restrict_scene(_load_scene(dataclasses.replace(cfg, modalities=None), spec),
+                                  subset)
+  if spec.synthetic is not None and cfg.data_dir is None and (cfg.synthetic_height or
+                                                              cfg.synthetic_width):
+    syn = dataclasses.replace(spec.synthetic, height=cfg.synthetic_height or spec.synthetic.height,
+                              width=cfg.synthetic_width or spec.synthetic.width)
+    spec = dataclasses.replace(spec, synthetic=syn)
+  return data_lib.load_scene(spec, cfg.data_dir)
+
+
+def _split(cfg, spec, labels, workdir: str, log):
+  """The run's split: <workdir>/split.npz if present (resume, evaluate), else drawn/read once."""
+  path = os.path.join(workdir, "split.npz")
+  if os.path.isfile(path):
+    return data_lib.load_split(path, labels)
+  if cfg.split_file:
+    keys = ()
+    try:
+      with np.load(cfg.split_file, allow_pickle=False) as f:
+        keys = tuple(f.files)
+    except Exception:  # noqa: BLE001 - .mat maps are read by split_from_maps
+      pass
+    if "train_idx" in keys:
+      split = data_lib.load_split(cfg.split_file, labels)
+    else:
+      split = data_lib.split_from_maps(cfg.split_file, labels=labels,
+                                   include_train_in_test=cfg.include_train_in_test)
+    log(f"split: from {cfg.split_file}")
+  else:
+    split = data_lib.make_split(labels, cfg.train_per_class, cfg.seed,
+                            include_train_in_test=cfg.include_train_in_test,
+                            num_classes=spec.num_classes, class_names=spec.class_names)
+  data_lib.save_split(path, split)
+  return split
+
+
+def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print) -> RunData:
+  """Loads the scene, the split, the preprocessed padded cubes (on device) and the text features."""
+  scene = _load_scene(cfg, spec)
+  labels = np.asarray(scene.labels, np.int32)
+  split = _split(cfg, spec, labels, workdir, log)
+  cubes = data_lib.preprocess(scene, split, normalize=cfg.normalize, pca_fit=cfg.pca_fit)
+  padded = data_lib.pad_cubes(cubes, cfg.patch_size)
+  dev_cubes = [jax.device_put(jnp.asarray(c, jnp.float32)) for c in padded]
+  feats = text.encode_texts(text.class_texts(spec), cfg.text_encoder,
+                            clip_weights=cfg.clip_weights)
+  z = jax.device_put(jnp.asarray(feats.features, jnp.float32))
+  train_labels = data_lib.labels_at(labels, split.train_idx)
+  h, w = labels.shape
+  mods = ", ".join(f"{m}:{c.shape[-1]}" for m, c in zip(spec.modalities, cubes))
+  log(f"data: {spec.name} {h}x{w}, modalities {mods}, "
+      f"{split.train_idx.size} train / {split.test_idx.size} test pixels, text {feats.encoder} "
+      f"(D={z.shape[1]})")
+  return RunData(cfg=cfg, spec=spec, labels=labels, split=split, cubes=dev_cubes, z=z,
+                 text_encoder=feats.encoder, text_sha256=feats.weights_sha256,
+                 train_labels=train_labels)
