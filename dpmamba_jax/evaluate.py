@@ -194,6 +194,8 @@ def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> Non
   fileio.write_json(os.path.join(workdir, "metrics.json"), metrics)
   title = (f"{metrics['dataset']}, seed {metrics['seed']}, text encoder "
            f"{metrics['text_encoder']}, last-epoch models")
+  if metrics.get("protocol"):
+    title += f", {metrics['protocol']} protocol (docs/deviations.md)"
   tp = metrics.get("test_pixels")
   if tp and tp["scored"] != tp["of"]:
     title += f", scored on a fixed random {tp['scored']} of the {tp['of']} test pixels"
@@ -223,6 +225,8 @@ def evaluate_run(rd, workdir: str, teacher=None, student=None, *, epochs: dict,
   n_test, n_all = int(test_pixels(rd).size), int(rd.split.test_idx.size)
   if n_test != n_all:  # only with eval_subsample: the default schema stays as documented
     metrics["test_pixels"] = {"scored": n_test, "of": n_all}
+  if getattr(rd.cfg, "protocol", "honest") != "honest":  # likewise: only for the authors' protocol
+    metrics["protocol"] = rd.cfg.protocol
   write_metrics(workdir, metrics, rd.spec.modalities)
   sub = "" if n_test == n_all else f" (a fixed random subset of the {n_all}: eval_subsample)"
   log(f"evaluation on {n_test} test pixels{sub} "

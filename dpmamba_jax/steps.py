@@ -46,11 +46,15 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.05
   grad_clip: float = 1.0
+  # The authors' loop steps its scheduler with the index of the update just done, so update s
+  # runs at lr(s - 1) and updates 0 and 1 both at w0 (spec §7.1 item 13): `--protocol reference`.
+  authors_off_by_one: bool = False
 
 
 def stage_optim_config(stage: str, *, lr: float, batch_size: int, steps_per_epoch: int,
                        epochs: int, warmup_epochs: int, betas: tuple[float, float],
-                       eps: float, weight_decay: float, grad_clip: float) -> OptimConfig:
+                       eps: float, weight_decay: float, grad_clip: float,
+                       authors_off_by_one: bool = False) -> OptimConfig:
   """The §6.2 settings of a stage.
 
   Pretrain: w0 = 5e-7 * B / 512, lr_min = 5e-6 * B / 512 (the authors scale the TRAIN
@@ -66,33 +70,52 @@ def stage_optim_config(stage: str, *, lr: float, batch_size: int, steps_per_epoc
   warm = min(int(warmup_epochs) * int(steps_per_epoch), total)
   return OptimConfig(lr=float(lr), warmup_init=w0, lr_min=lr_min, warmup_steps=warm,
                      total_steps=total, b1=float(betas[0]), b2=float(betas[1]), eps=float(eps),
-                     weight_decay=float(weight_decay), grad_clip=float(grad_clip))
+                     weight_decay=float(weight_decay), grad_clip=float(grad_clip),
+                     authors_off_by_one=bool(authors_off_by_one))
+
+
+def _warmup_cosine_lr(t, lr_max, warmup_init, lr_min, warmup_steps, total_steps, xp):
+  w = int(warmup_steps)
+  t_cos = max(int(total_steps) - w, 1)
+  warm = warmup_init + t * (lr_max - warmup_init) / max(w, 1)
+  frac = xp.clip((t - w) / t_cos, 0.0, 1.0)
+  cos = lr_min + 0.5 * (lr_max - lr_min) * (1.0 + xp.cos(xp.pi * frac))
+  return xp.where(t < w, warm, cos)
 
 
 def warmup_cosine(lr_max: float, warmup_init: float, lr_min: float, warmup_steps: int,
-                  total_steps: int) -> optax.Schedule:
+                  total_steps: int, *, authors_off_by_one: bool = False) -> optax.Schedule:
   """Per-update lr: linear w0 -> lr_max over W updates, then one cosine to lr_min (spec §6.2).
 
   lr(t) = w0 + t (lr_max - w0) / W for t < W; lr_min + (lr_max - lr_min)(1 + cos(pi (t-W)/T)) / 2
-  for W <= t < W + T with T = total - W; lr_min afterwards. Update t (0-based) uses lr(t): the
-  authors' off-by-one (updates 0 and 1 both at w0) is not copied.
+  for W <= t < W + T with T = total - W; lr_min afterwards. Update t (0-based) uses lr(t), the
+  scheduler's intended convention; with authors_off_by_one, lr(max(t - 1, 0)), as the authors'
+  loop runs it (updates 0 and 1 both at w0).
   """
-  w = int(warmup_steps)
-  t_cos = max(int(total_steps) - w, 1)
 
   def schedule(count):
     t = jnp.asarray(count, jnp.float32)
-    warm = warmup_init + t * (lr_max - warmup_init) / max(w, 1)
-    frac = jnp.clip((t - w) / t_cos, 0.0, 1.0)
-    cos = lr_min + 0.5 * (lr_max - lr_min) * (1.0 + jnp.cos(jnp.pi * frac))
-    return jnp.where(t < w, warm, cos)
+    if authors_off_by_one:
+      t = jnp.maximum(t - 1.0, 0.0)
+    return _warmup_cosine_lr(t, lr_max, warmup_init, lr_min, warmup_steps, total_steps, jnp)
 
   return schedule
 
 
+def lr_at(t, oc: OptimConfig):
+  """`make_optimizer(oc)`'s lr of updates t (numpy ints), in float64 numpy (for comparisons with
+  the authors' schedule at double precision; training evaluates the same formula in float32)."""
+  t = np.asarray(t, np.float64)
+  if oc.authors_off_by_one:
+    t = np.maximum(t - 1.0, 0.0)
+  return _warmup_cosine_lr(t, oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps,
+                           np)
+
+
 def make_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Global-norm clipping then AdamW on ALL parameters (the authors decay everything, §7.1.6)."""
-  sched = warmup_cosine(oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps)
+  sched = warmup_cosine(oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps,
+                        authors_off_by_one=oc.authors_off_by_one)
   tx = optax.chain(
       optax.clip_by_global_norm(oc.grad_clip),
       optax.adamw(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay),
@@ -142,8 +165,47 @@ def _accuracy(v, labels, z):
   return jnp.mean((losses.predict(v, z) == labels).astype(jnp.float32))
 
 
-def _apply_gradients(state: TrainState, tx, schedule, grads, aux, labels, z, rng):
-  """Optimiser update shared by both steps. aux = (loss, loss parts, new running stats, V)."""
+def teacher_grads(graphdef, params, batch_stats, xs: Sequence[jax.Array], labels: jax.Array,
+                  z: jax.Array, dropout_key: jax.Array | None):
+  """Gradient of the teacher loss L_CA in train mode, on complete inputs (spec §5.1).
+
+  xs: M arrays (B, P, P, C_m); labels: (B,) 0-based, class-sorted; z: (C, D) text features.
+  Returns (grads, (loss, loss parts, new running stats, V (B, D))), grads shaped like params.
+  """
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, _fresh(batch_stats))
+    v = model(xs, None, train=True, dropout_key=dropout_key)  # (B, D)
+    loss, parts = losses.teacher_loss(v, labels, z)
+    _, _, new_rest = split_model(model)
+    return loss, (loss, parts, new_rest, v)
+
+  return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def student_grads(graphdef, params, batch_stats, xs: Sequence[jax.Array], mask: jax.Array,
+                  v_teacher: jax.Array, labels: jax.Array, z: jax.Array,
+                  dropout_key: jax.Array | None, *, distill: str = "tbd",
+                  bn_stats: str = "present"):
+  """Gradient of the student loss L_CA + L_TBD (or the KL ablation) in train mode (spec §5.2).
+
+  mask: (B, M), 1 = present (missing modalities get the student's prompts); v_teacher: (B, D)
+  the frozen teacher's features of the batch; bn_stats: "present" (masked samples' real input is
+  left out of the embedding BatchNorm's batch statistics) or "all" (the authors', spec §7.1
+  item 12). Returns (grads, (loss, loss parts, new running stats, V_s (B, D))).
+  """
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params, _fresh(batch_stats))
+    v_s = model(xs, mask, train=True, dropout_key=dropout_key, bn_stats=bn_stats)  # (B, D)
+    loss, parts = losses.student_loss(v_s, v_teacher, labels, z, distill=distill)
+    _, _, new_rest = split_model(model)
+    return loss, (loss, parts, new_rest, v_s)
+
+  return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def apply_gradients(state: TrainState, tx, schedule, grads, aux, labels, z, rng):
+  """The optimiser update of both steps: (new state, metrics). aux = (loss, loss parts, new
+  running stats, V), as `teacher_grads` / `student_grads` return it."""
   loss, parts, new_rest, v = aux
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -173,16 +235,8 @@ def make_teacher_step(graphdef, tx: optax.GradientTransformation, schedule: opta
   def step(state: TrainState, cubes, z, idx, labels):
     rng, drop_key = jax.random.split(state.rng)
     xs = gather_batch(cubes, idx, width, patch_size)
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, _fresh(state.batch_stats))
-      v = model(xs, None, train=True, dropout_key=drop_key)  # (B, D)
-      loss, parts = losses.teacher_loss(v, labels, z)
-      _, _, new_rest = split_model(model)
-      return loss, (loss, parts, new_rest, v)
-
-    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
-    return _apply_gradients(state, tx, schedule, grads, aux, labels, z, rng)
+    grads, aux = teacher_grads(graphdef, state.params, state.batch_stats, xs, labels, z, drop_key)
+    return apply_gradients(state, tx, schedule, grads, aux, labels, z, rng)
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
@@ -239,8 +293,9 @@ class TeacherFeatures:
 
 def make_student_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                       width: int, patch_size: int, num_modalities: int, batch_size: int,
-                      distill: str = "tbd", mesh: jax.sharding.Mesh | None = None) -> Callable:
-  """Jitted distillation step.
+                      distill: str = "tbd", bn_stats: str = "present",
+                      mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """Jitted distillation step (`student_grads`: distill and bn_stats as there).
 
   step(state, teacher_feats, cubes, z, rows, idx, labels) -> (state, metrics)
     teacher_feats: (N, D) the frozen teacher's eval-mode features of the training pixels, from
@@ -256,16 +311,9 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, schedule: opta
     xs = gather_batch(cubes, idx, width, patch_size)
     v_t = jax.lax.stop_gradient(jnp.take(teacher_feats, rows, axis=0))  # (B, D)
     mask = masks_lib.sample_masks(mask_key, batch_size, num_modalities)  # (B, M)
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, _fresh(state.batch_stats))
-      v_s = model(xs, mask, train=True, dropout_key=drop_key)  # (B, D)
-      loss, parts = losses.student_loss(v_s, v_t, labels, z, distill=distill)
-      _, _, new_rest = split_model(model)
-      return loss, (loss, parts, new_rest, v_s)
-
-    grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
-    return _apply_gradients(state, tx, schedule, grads, aux, labels, z, rng)
+    grads, aux = student_grads(graphdef, state.params, state.batch_stats, xs, mask, v_t, labels,
+                               z, drop_key, distill=distill, bn_stats=bn_stats)
+    return apply_gradients(state, tx, schedule, grads, aux, labels, z, rng)
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)

@@ -111,7 +111,8 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
       stage, lr=cfg.lr, batch_size=cfg.batch_size, steps_per_epoch=sampler.steps, epochs=epochs,
       warmup_epochs=cfg.warmup_epochs,
       betas=cfg.betas_pretrain if stage == "pretrain" else cfg.betas_distill, eps=cfg.eps,
-      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+      authors_off_by_one=cfg.protocol == "reference")
   tx, sched = steps.make_optimizer(oc)
   rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1 if stage == "pretrain" else 2)
   graphdef, state = steps.init_train_state(model, tx, rng)
@@ -157,7 +158,9 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
     log(f"{stage}: the frozen teacher's features of the {train_idx.size} training pixels "
         f"computed once ({time.time() - t0:.1f} s)")
     step_fn = steps.make_student_step(graphdef, tx, sched, num_modalities=spec.num_modalities,
-                                      batch_size=sampler.batch_size, distill=cfg.distill, **common)
+                                      batch_size=sampler.batch_size, distill=cfg.distill,
+                                      bn_stats="all" if cfg.protocol == "reference" else "present",
+                                      **common)
     run = lambda st, rows: step_fn(st, teacher_feats, cubes, z, to_device(rows.astype(np.int32)),
                                    to_device(train_idx[rows]), to_device(rd.train_labels[rows]))
   window: list = []
@@ -346,6 +349,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--clip-weights", default=None, help="local CLIP text-tower weights")
   p.add_argument("--split-file", default=None,
                  help="fixed split: an official_split.npz (train/test maps) or a split.npz")
+  p.add_argument("--protocol", default=None, choices=config_lib.PROTOCOLS,
+                 help="honest (default) or reference: the authors' protocol where it differs "
+                      "(raw inputs, training pixels in the test set, their LR schedule, masked "
+                      "samples in the student's BatchNorm statistics; docs/deviations.md)")
   p.add_argument("--include-train-in-test", action="store_true",
                  help="test on every labelled pixel, training pixels included (as the authors)")
   p.add_argument("--normalize", default=None, choices=config_lib.NORMALIZE,
@@ -375,7 +382,8 @@ def resolve_args(args) -> tuple[Any, Any]:
   flags = {"dataset": args.dataset, "data_dir": args.data_dir, "workdir": args.workdir,
            "seed": args.seed, "stage": args.stage, "teacher_ckpt": args.teacher_ckpt,
            "text_encoder": args.text_encoder, "clip_weights": args.clip_weights,
-           "split_file": args.split_file, "normalize": args.normalize}
+           "split_file": args.split_file, "normalize": args.normalize,
+           "protocol": args.protocol}
   for k, v in flags.items():
     if v is not None:
       over[k] = v

@@ -18,7 +18,7 @@ from flax import nnx
 
 from dpmamba_jax import checkpoint
 from dpmamba_jax import config as config_lib
-from dpmamba_jax import errors, evaluate, runtime, train
+from dpmamba_jax import errors, evaluate, runtime, steps, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,6 +137,46 @@ def test_resolve_defaults_and_precedence(tmp_path):
   assert config_lib.coerce("betas_distill", "0.8,0.99") == (0.8, 0.99)
   assert config_lib.coerce("data_dir", "none") is None
   assert config_lib.coerce("maps", "false") is False
+
+
+def test_protocol_reference_resolves_the_authors_settings():
+  cfg, _ = train.resolve_args(train._parser().parse_args(["--protocol", "reference"]))
+  assert cfg.protocol == "reference" and cfg.normalize == "none" and cfg.include_train_in_test
+  cfg, _ = train.resolve_args(train._parser().parse_args([]))
+  assert cfg.protocol == "honest" and cfg.normalize == "standard"
+  assert not cfg.include_train_in_test
+  with pytest.raises(errors.UserError, match="normalize='standard' contradicts protocol=reference"):
+    train.resolve_args(train._parser().parse_args(["--protocol", "reference",
+                                                    "--normalize", "standard"]))
+  with pytest.raises(errors.UserError, match="config protocol='paper'"):
+    config_lib.resolve({"protocol": "paper"})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_protocol_reference_trains_with_the_authors_schedule(tmp_path):
+  """The logged lr of each epoch's last update follows the honest schedule, or the authors'
+  off-by-one one under --protocol reference; config.json says which protocol ran."""
+  env = _env(tmp_path / "cache")
+  run = ["--stage", "pretrain", "--epochs", "3", "--set", "warmup_epochs=2", "--set", "maps=false"]
+  lrs = {}
+  for protocol in ("honest", "reference"):
+    rc, out = _run(tmp_path / protocol, env, run + ["--protocol", protocol])
+    assert rc == 0, out
+    with open(tmp_path / protocol / "config.json") as f:
+      assert json.load(f)["protocol"] == protocol
+    with open(tmp_path / protocol / "log.jsonl") as f:
+      lrs[protocol] = [e["lr"] for e in map(json.loads, f) if e.get("stage") == "pretrain"]
+  cfg, spec = train.resolve_args(train._parser().parse_args(TINY + run))
+  per_epoch = config_lib.steps_per_epoch(cfg, spec.num_classes)
+  last = np.arange(1, 4) * per_epoch - 1  # the last update of each epoch
+  for protocol, off_by_one in (("honest", False), ("reference", True)):
+    oc = steps.stage_optim_config("pretrain", lr=cfg.lr, batch_size=cfg.batch_size,
+                                  steps_per_epoch=per_epoch, epochs=3, warmup_epochs=2,
+                                  betas=cfg.betas_pretrain, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+                                  authors_off_by_one=off_by_one)
+    np.testing.assert_allclose(lrs[protocol], steps.lr_at(last, oc), rtol=1e-6)
+  assert lrs["honest"] != lrs["reference"]
 
 
 def test_shipped_configs_resolve_to_the_dataset_defaults():

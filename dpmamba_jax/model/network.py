@@ -26,6 +26,9 @@ from dpmamba_jax.model import scan
 from dpmamba_jax.model.blocks import MAMambaBlock, PatchEmbed, layer_norm, linear
 
 
+# Which samples enter the embedding BatchNorm's batch statistics (`DPMamba.__call__`).
+BN_STATS = ("present", "all")
+
 # ModelConfig fields that choose how the same function is computed, not what it is: left out of
 # a checkpoint's config (checkpoint.save_model), so a model trained with one runs with another.
 RUNTIME_FIELDS = ("scan_impl",)
@@ -170,7 +173,8 @@ class DPMamba(nnx.Module):
   def __call__(self, xs: Sequence[jax.Array], mask: jax.Array | None = None, *,
                train: bool = False, dropout_key: jax.Array | None = None,
                details: dict | None = None,
-               embed_conv: Sequence[jax.Array | None] | None = None) -> jax.Array:
+               embed_conv: Sequence[jax.Array | None] | None = None,
+               bn_stats: str = "present") -> jax.Array:
     """Visual features V.
 
     Args:
@@ -182,6 +186,10 @@ class DPMamba(nnx.Module):
       embed_conv: optional M entries, None or modality m's embedding-conv output (B, P, P, h)
         computed already (scene inference, `Conv3x3.patch_conv_from_scene`); xs[m] is then
         not used and may be None.
+      bn_stats: which samples' real input enters the embedding BatchNorm's batch statistics in
+        training: "present" (a sample whose modality m is masked is left out of modality m's
+        statistics, since its features are replaced) or "all" (every sample, as the authors'
+        code does, spec §7.1 item 12; `--protocol reference`).
 
     Returns:
       (B, out_dim) float32, not normalised.
@@ -189,6 +197,8 @@ class DPMamba(nnx.Module):
     cfg = self.cfg
     embed_conv = [None] * len(xs) if embed_conv is None else list(embed_conv)
     self._check_inputs(xs, mask, embed_conv)
+    if bn_stats not in BN_STATS:
+      raise ValueError(f"bn_stats={bn_stats!r}: expected one of {BN_STATS}")
     if train and cfg.af_dropout > 0 and cfg.depth > 0 and dropout_key is None:
       raise ValueError("DPMamba(train=True) needs dropout_key when af_dropout > 0")
     det = details if details is not None else {}
@@ -196,7 +206,8 @@ class DPMamba(nnx.Module):
     fs = []
     for m in range(cfg.num_modalities):
       d_m = {}
-      f = self.embed[m](xs[m], None if present is None else present[:, m], train=train,
+      bn_mask = None if present is None or bn_stats == "all" else present[:, m]
+      f = self.embed[m](xs[m], bn_mask, train=train,
                         details=d_m, conv_out=embed_conv[m])
       det[f"embed_bn_relu/m{m}"] = d_m["embed_bn_relu"]
       det[f"embed/m{m}"] = f
