@@ -6,12 +6,18 @@ Layout of a model checkpoint directory (`save_model`):
   meta/    free-form JSON (stage, epochs, wall time, text encoder, ...)
 Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint that looks finished.
+
+Damaged files (truncated, garbage, partly deleted) are reported, not tracebacks: `load_model` raises
+`DamagedCheckpoint` (a UserError naming the folder, the part and the reason, plus the caller's
+recovery hint); `TrainCheckpoints.restore_latest` falls back to the newest readable periodic
+checkpoint, deleting the damaged ones with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +29,79 @@ from dpmamba_jax.model import network
 
 def _abs(path) -> str:
   return os.path.abspath(os.fspath(path))
+
+
+class DamagedCheckpoint(errors.UserError):
+  """A checkpoint folder that exists but cannot be read (one line: folder, part, reason, hint)."""
+
+
+# What orbax, tensorstore and json raise for a missing, truncated or garbage file:
+# FileNotFoundError, ValueError (json.JSONDecodeError, tensorstore's DATA_LOSS / NOT_FOUND /
+# OUT_OF_RANGE, ...) and KeyError ('Item "state" was not found in the checkpoint').
+_READ_ERRORS = (OSError, ValueError, KeyError)
+
+
+def read_error(e: BaseException) -> BaseException | None:
+  """The damaged-file error behind `e`, or None when `e` is something else (to be re-raised).
+
+  Orbax wraps tensorstore's error reading array data in a bare `Exception(...) from e`
+  ("Encountered error while reading array index"); only that exact type with such a cause counts.
+  """
+  if isinstance(e, _READ_ERRORS):
+    return e
+  if type(e) is Exception and isinstance(e.__cause__, _READ_ERRORS):
+    return e.__cause__
+  return None
+
+
+def describe_read_error(e: BaseException) -> str:
+  """`TypeName: message` on one short line (tensorstore's spec dump cut off)."""
+  msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  msg = " ".join(msg.split(" [tensorstore_spec=")[0].split())
+  if len(msg) > 240:  # tensorstore: "CODE: what: ...: the root cause": keep both ends
+    msg = msg[:100] + " ... " + msg[-135:]
+  return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _quiet_abandoned_reads() -> None:
+  """Hides the noise of a failed orbax read (installed once, before the first restore).
+
+  When one read fails, orbax closes its event loop while tensorstore still completes the other
+  reads: their callbacks into the closed loop (RuntimeError('Event loop is closed') from asyncio's
+  _check_closed) and the read coroutines left unfinished (failing later, or closed when
+  collected) are reported as unraisable-exception tracebacks, one per array, around our one-line
+  message. Exactly those are dropped; anything else goes to the previous hook.
+  """
+  prev = sys.unraisablehook
+  if getattr(prev, "_drops_abandoned_reads", False):
+    return
+
+  def hook(u):
+    if not _abandoned_read(u):
+      prev(u)
+
+  hook._drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+def _abandoned_read(u) -> bool:
+  e, tb = u.exc_value, u.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  if (type(e) is RuntimeError and str(e) == "Event loop is closed" and tb is not None
+      and tb.tb_frame.f_code.co_name == "_check_closed"):
+    return True
+  # an orbax read coroutine left unfinished: it failed after the loop closed, or it is closed
+  # when collected (orbax turns the GeneratorExit into a bare Exception)
+  code = getattr(u.object, "cr_code", None)
+  return (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename and e is not None
+          and (read_error(e) is not None
+               or (type(e) is Exception and isinstance(e.__cause__, GeneratorExit))))
+
+
+def _damaged(path: str, part: str, reason: str, hint: str | None) -> DamagedCheckpoint:
+  return DamagedCheckpoint(f"{path}: damaged checkpoint ({part}: {reason})"
+                           + (f"; {hint}" if hint else ""))
 
 
 def config_to_json(cfg) -> dict:
@@ -57,6 +136,21 @@ def is_model_checkpoint(path) -> bool:
   return os.path.isdir(os.path.join(p, "state")) and os.path.isdir(os.path.join(p, "config"))
 
 
+def has_model(path, *, hint: str | None = None) -> bool:
+  """False if nothing is at `path`, True for a model checkpoint; DamagedCheckpoint for anything
+  else there (a folder without state/ or config/: orbax renames only complete checkpoints into
+  place, so that is damage, not a run in progress)."""
+  p = _abs(path)
+  if not os.path.lexists(p):
+    return False
+  if is_model_checkpoint(p):
+    return True
+  if not os.path.isdir(p):
+    raise _damaged(p, "not a folder", "expected a model checkpoint folder", hint)
+  missing = [d + "/" for d in ("state", "config") if not os.path.isdir(os.path.join(p, d))]
+  raise _damaged(p, " and ".join(missing), "missing", hint)
+
+
 def save_model(path, model: nnx.Module, cfg, meta: dict | None = None) -> None:
   """Writes the model's whole state, its ModelConfig and `meta` to directory `path` (atomic)."""
   path = _abs(path)
@@ -70,28 +164,48 @@ def save_model(path, model: nnx.Module, cfg, meta: dict | None = None) -> None:
         meta=ocp.args.JsonSave(json_ready(dict(meta or {})))), force=True)
 
 
-def load_model(path, *, scan_impl: str = "auto") -> tuple[nnx.Module, Any, dict]:
+def load_model(path, *, scan_impl: str = "auto",
+               hint: str | None = None) -> tuple[nnx.Module, Any, dict]:
   """Restores (DPMamba, ModelConfig, meta) saved by `save_model`.
 
   scan_impl: the run-time scan choice of the restored model (a checkpoint written before these
-  fields were left out may still name one; it is ignored).
+  fields were left out may still name one; it is ignored). A damaged checkpoint raises
+  DamagedCheckpoint naming the part (config/, meta/, state/) and the reason, then `hint` (how to
+  recover, which only the caller knows).
   """
   path = _abs(path)
   if not is_model_checkpoint(path):
     raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
                            "written by dpmamba_jax.checkpoint.save_model)")
+  _quiet_abandoned_reads()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    head = ckptr.restore(path, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    saved = {k: v for k, v in dict(head["config"]).items() if k not in network.RUNTIME_FIELDS}
-    cfg = config_from_json(network.ModelConfig, dict(saved, scan_impl=scan_impl))
+    def restore(part, args):
+      try:
+        return ckptr.restore(path, args=ocp.args.Composite(**{part: args}))[part]
+      except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
+        cause = read_error(e)
+        if cause is None:
+          raise
+        where = f"{part}/" if part == "state" else f"{part}/metadata"  # JsonSave's one file
+        raise _damaged(path, where, describe_read_error(cause), hint) from None
+
+    saved = restore("config", ocp.args.JsonRestore())
+    meta = restore("meta", ocp.args.JsonRestore())
+    for part, got in (("config", saved), ("meta", meta)):
+      if not isinstance(got, dict) and not (part == "meta" and got is None):
+        raise _damaged(path, f"{part}/metadata",
+                       f"expected a JSON object, got {type(got).__name__}", hint)
+    saved = {k: v for k, v in saved.items() if k not in network.RUNTIME_FIELDS}
+    try:
+      cfg = config_from_json(network.ModelConfig, dict(saved, scan_impl=scan_impl))
+    except (TypeError, errors.UserError) as e:  # missing keys / values ModelConfig refuses
+      raise _damaged(path, "config/metadata", " ".join(str(e).split()), hint) from None
     abstract = nnx.eval_shape(lambda: network.DPMamba(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = ckptr.restore(path, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-  model = nnx.merge(graphdef, restored["state"])
-  return model, cfg, dict(head["meta"] or {})
+    state = restore("state", ocp.args.StandardRestore(target))
+  model = nnx.merge(graphdef, state)
+  return model, cfg, dict(meta or {})
 
 
 class TrainCheckpoints:
@@ -124,10 +238,37 @@ class TrainCheckpoints:
     if epoch is None:
       raise FileNotFoundError(f"no training checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_dict(like_state))
+    _quiet_abandoned_reads()
     r = self._mgr.restore(int(epoch), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    meta = r["meta"]
+    if not isinstance(meta, dict):
+      raise ValueError(f"meta/ holds a {type(meta).__name__}, expected a JSON object")
     state = like_state.replace(**r["state"])
-    return state, dict(r["meta"])
+    return state, dict(meta)
+
+  def restore_latest(self, like_state: Any,
+                     warn: Callable[[str], None]) -> tuple[Any, dict] | None:
+    """The newest readable checkpoint as (state, meta), or None when there is none.
+
+    A damaged one (truncated / garbage / partly deleted files) is deleted, with a one-line
+    `warn(...)` naming it, and the one before it is tried (max_to_keep of them are kept); it has to
+    go, as the run saves that epoch again.
+    """
+    for epoch in sorted(self._mgr.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(like_state, epoch)
+        if meta.get("epoch") != epoch:
+          raise ValueError(f"meta/ says epoch {meta.get('epoch')!r:.40}, expected {epoch}")
+        return state, meta
+      except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
+        cause = read_error(e)
+        if cause is None:
+          raise
+        self._mgr.delete(epoch)
+        warn(f"warning: {os.path.join(self.directory, str(epoch))}: damaged training checkpoint "
+             f"({describe_read_error(cause)}); deleted it")
+    return None
 
   def close(self) -> None:
     self._mgr.close()

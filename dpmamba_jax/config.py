@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -260,16 +261,31 @@ def _validate(cfg: RunConfig, spec) -> None:
             "eval_batch"):
     if getattr(cfg, k) < 1:
       bad(k, "an int >= 1")
+  if cfg.seed < 0:
+    bad("seed", "an int >= 0")
+  if cfg.patch_size % 2 == 0:
+    bad("patch_size", "an odd int (a patch is centred on its pixel)")
   if cfg.batch_size % spec.num_classes:
     bad("batch_size", f"a multiple of the {spec.num_classes} classes")
   if cfg.batch_size // spec.num_classes > cfg.train_per_class:
     bad("batch_size", f"at most classes x train_per_class = "
         f"{spec.num_classes * cfg.train_per_class}")
-  if cfg.lr <= 0:
-    bad("lr", "a float > 0")
+  for k, lowest, expected in (("lr", 0.0, "a finite float > 0"),
+                              ("eps", 0.0, "a finite float > 0"),
+                              ("grad_clip", 0.0, "a finite float > 0"),
+                              ("weight_decay", None, "a finite float >= 0")):
+    v = getattr(cfg, k)
+    if not math.isfinite(v) or (v <= lowest if lowest is not None else v < 0):
+      bad(k, expected)
   for k in ("betas_pretrain", "betas_distill"):
-    if not all(0.0 <= b < 1.0 for b in getattr(cfg, k)):
+    if not all(0.0 <= b < 1.0 for b in getattr(cfg, k)):  # NaN fails both comparisons
       bad(k, "two floats in [0, 1)")
+  if cfg.af_dropout is not None and not 0.0 <= cfg.af_dropout < 1.0:
+    bad("af_dropout", "a float in [0, 1)")
+  try:  # the model's own checks (hidden, depth, heads, d_state, ...), now rather than after loading
+    model_config(cfg, spec, out_dim=1)
+  except errors.UserError as e:
+    raise errors.UserError(str(e).replace("ModelConfig.", "config ", 1)) from None
   for k in ("synthetic_height", "synthetic_width"):
     if getattr(cfg, k) is not None and spec.synthetic is None:
       bad(k, "unset unless --dataset synthetic")

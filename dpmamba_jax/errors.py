@@ -1,6 +1,7 @@
 """User-facing errors and the CLI wrapper that turns them into one-line messages."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
@@ -32,3 +33,11 @@ def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
     return 0 if rc is None else int(rc)
 
   return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser whose usage errors (an unknown flag, `--batch abc`) are UserErrors, so a
+  CLI under `cli_entry` prints them as its one line `error: ...` (exit 2) like every other."""
+
+  def error(self, message: str):
+    raise UserError(f"{self.prog}: {message} (see --help)")

@@ -2,7 +2,9 @@
 
 `python -m dpmamba_jax.evaluate --workdir DIR` re-evaluates the last-epoch teacher and student
 saved in DIR (the test set never picks a model) and rewrites DIR/metrics.json and
-DIR/metrics.md. Inference is jitted with a fixed batch (the last batch padded), the scenario
+DIR/metrics.md (atomically). A missing student/ (or teacher/) is a one-line warning and the other
+model is evaluated; a damaged config.json, split.npz or checkpoint is a one-line error saying how
+to recover. Inference is jitted with a fixed batch (the last batch padded), the scenario
 mask being an input array, so each model compiles once.
 
 metrics.json (percentages 0-100):
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -37,6 +40,8 @@ from dpmamba_jax.data.preprocessing import labels_at  # noqa: E402
 from dpmamba_jax.predict import Predictor  # noqa: E402
 
 METRIC_KEYS = ("OA", "AA", "kappa")
+# The keys every metrics.json has (the module docstring); what a finished run's rerun reads back.
+METRICS_FILE_KEYS = ("dataset", "seed", "text_encoder", "epochs", "student", "teacher")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +196,11 @@ def _std(a: np.ndarray) -> float:
 
 
 def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> None:
-  fileio.write_json(os.path.join(workdir, "metrics.json"), metrics)
+  path = os.path.join(workdir, "metrics.json")
+  try:
+    fileio.write_json(path, metrics)
+  except OSError as e:  # an unwritable workdir: one line, nothing half-written (atomic)
+    raise errors.UserError(f"{path}: cannot write it ({e.strerror or e})") from None
   title = (f"{metrics['dataset']}, seed {metrics['seed']}, text encoder "
            f"{metrics['text_encoder']}, last-epoch models")
   if metrics.get("protocol"):
@@ -241,7 +250,7 @@ def evaluate_run(rd, workdir: str, teacher=None, student=None, *, epochs: dict,
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = errors.ArgumentParser(
       prog="python -m dpmamba_jax.evaluate",
       description="Re-evaluate the last-epoch teacher/student of a training workdir over every "
                   "modality scenario; rewrites metrics.json and metrics.md (and the maps).")
@@ -263,12 +272,21 @@ def main(argv=None) -> int:
   if not os.path.isfile(cfg_path):
     raise errors.UserError(f"{cfg_path}: not found; expected a workdir written by "
                            "python -m dpmamba_jax.train")
-  with open(cfg_path) as f:
-    saved = json.load(f)
+  damaged = (f"{cfg_path}: damaged ({{}}); this workdir's settings cannot be read: restore the "
+             "file, or train again in a new --workdir").format
+  try:
+    with open(cfg_path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise errors.UserError(damaged(f"not valid JSON: {' '.join(str(e).split())}")) from None
+  if not isinstance(saved, dict):
+    raise errors.UserError(damaged(f"a JSON {type(saved).__name__}, expected an object"))
   overrides = {k: config_lib.coerce(k, v, where=cfg_path) for k, v in saved.items()}
   overrides["workdir"] = workdir
   if args.data_dir is not None:
     overrides["data_dir"] = args.data_dir
+  if args.batch is not None:  # validated with the config (eval_batch >= 1)
+    overrides["eval_batch"] = args.batch
   if args.no_compile_cache:
     overrides["compile_cache"] = False
   cfg, spec = config_lib.resolve(overrides)
@@ -276,14 +294,25 @@ def main(argv=None) -> int:
   runtime.setup_compile_cache(cfg.compile_cache)
   rd = run.load_run_data(cfg, spec, workdir)
   models = {}
+  stages = {"teacher": "pretrain", "student": "distill"}
   for key in ("teacher", "student"):
     path = os.path.join(workdir, key)
-    if key == "teacher" and cfg.teacher_ckpt and not checkpoint.is_model_checkpoint(path):
-      path = cfg.teacher_ckpt
-    if checkpoint.is_model_checkpoint(path):
-      models[key] = checkpoint.load_model(path, scan_impl=cfg.scan_impl or "auto")
+    hint = (f"delete that folder and rerun python -m dpmamba_jax.train --workdir {workdir} with "
+            f"the run's settings to redo the {stages[key]} stage")
+    if not checkpoint.has_model(path, hint=hint):  # nothing there (damaged: UserError)
+      if not (key == "teacher" and cfg.teacher_ckpt
+              and checkpoint.is_model_checkpoint(cfg.teacher_ckpt)):
+        continue
+      path, hint = cfg.teacher_ckpt, f"check teacher_ckpt in {cfg_path}"
+    models[key] = checkpoint.load_model(path, scan_impl=cfg.scan_impl or "auto", hint=hint)
   if not models:
     raise errors.UserError(f"{workdir}: no teacher/ or student/ model checkpoint to evaluate")
+  for key, other in (("teacher", "student"), ("student", "teacher")):
+    # no student by design: a one-modality run (no distill stage) or a --stage pretrain run
+    if key not in models and (key == "teacher" or (spec.num_modalities > 1
+                                                   and cfg.stage != "pretrain")):
+      print(f"warning: {os.path.join(workdir, key)}: no checkpoint; evaluated the {other} only",
+            file=sys.stderr)
   epochs = {k: v[2].get("epochs", 0) for k, v in (("pretrain", models.get("teacher")),
                                                   ("distill", models.get("student"))) if v}
   walls = {k: v[2].get("wall_time_s", 0.0) for k, v in (("pretrain", models.get("teacher")),
@@ -291,10 +320,9 @@ def main(argv=None) -> int:
   teacher = models["teacher"][0] if "teacher" in models else None
   student = models["student"][0] if "student" in models else None
   evaluate_run(rd, workdir, teacher, student, epochs=epochs, wall_time_s=walls,
-               batch=args.batch or cfg.eval_batch)
+               batch=cfg.eval_batch)
   if args.maps and student is not None:
-    maps.write_all_maps(rd, student, os.path.join(workdir, "maps"), batch=args.batch or
-                        cfg.eval_batch)
+    maps.write_all_maps(rd, student, os.path.join(workdir, "maps"), batch=cfg.eval_batch)
   return 0
 
 

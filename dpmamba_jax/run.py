@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpmamba_jax import data as data_lib
+from dpmamba_jax import errors
 from dpmamba_jax import sharding
 from dpmamba_jax import text
 from dpmamba_jax.data import subsets
@@ -77,7 +78,10 @@ def _split(cfg, spec, labels, workdir: str, log):
   """The run's split: <workdir>/split.npz if present (resume, evaluate), else drawn/read once."""
   path = os.path.join(workdir, "split.npz")
   if os.path.isfile(path):
-    return data_lib.load_split(path, labels)
+    try:
+      return data_lib.load_split(path, labels, allow_overlap=cfg.include_train_in_test)
+    except errors.UserError as e:  # a damaged / foreign file: say how to get one back
+      raise errors.UserError(f"{e}; {_split_recovery(cfg, workdir)}") from None
   if cfg.split_file:
     keys = ()
     try:
@@ -86,17 +90,29 @@ def _split(cfg, spec, labels, workdir: str, log):
     except Exception:  # noqa: BLE001 - .mat maps are read by split_from_maps
       pass
     if "train_idx" in keys:
-      split = data_lib.load_split(cfg.split_file, labels)
+      split = data_lib.load_split(cfg.split_file, labels, allow_overlap=cfg.include_train_in_test)
     else:
       split = data_lib.split_from_maps(cfg.split_file, labels=labels,
-                                   include_train_in_test=cfg.include_train_in_test)
+                                       include_train_in_test=cfg.include_train_in_test)
     log(f"split: from {cfg.split_file}")
   else:
     split = data_lib.make_split(labels, cfg.train_per_class, cfg.seed,
-                            include_train_in_test=cfg.include_train_in_test,
-                            num_classes=spec.num_classes, class_names=spec.class_names)
+                                include_train_in_test=cfg.include_train_in_test,
+                                num_classes=spec.num_classes, class_names=spec.class_names)
   data_lib.save_split(path, split)
   return split
+
+
+def _split_recovery(cfg, workdir: str) -> str:
+  """How to get a usable <workdir>/split.npz back."""
+  trained = [d + "/" for d in ("teacher", "student", "ckpt")
+             if os.path.exists(os.path.join(workdir, d))]
+  if not trained:
+    return "delete it to draw the split again"
+  source = cfg.split_file if cfg.split_file else f"seed {cfg.seed}"
+  return (f"the models in {' '.join(trained)} were trained on it: restore the file, or delete it "
+          f"to draw the same split again from {source} (same data and settings), or use a new "
+          "--workdir")
 
 
 def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print) -> RunData:

@@ -8,7 +8,6 @@ allocated: the model is built abstractly with nnx.eval_shape.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import OrderedDict
 
@@ -98,7 +97,7 @@ def _parse_ints(text: str, name: str) -> tuple[int, ...]:
 
 @errors.cli_entry
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m dpmamba_jax.summary", description=__doc__.split("\n")[0])
+  ap = errors.ArgumentParser(prog="python -m dpmamba_jax.summary", description=__doc__.split("\n")[0])
   ap.add_argument("--dataset", help="dataset name (trento, houston, augsburg, ...)")
   ap.add_argument("--bands", help="comma-separated model bands per modality (instead of --dataset)")
   ap.add_argument("--patch-size", type=int, help="patch size P (default: the dataset's)")

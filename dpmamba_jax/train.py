@@ -7,7 +7,12 @@ prompts) and trains the whole student with L_CA + L_TBD on randomly masked input
 (metrics.json, metrics.md) and the classification maps are drawn (maps/).
 
 Rerunning the same command in the same workdir resumes from the last periodic checkpoint
-(<workdir>/ckpt/<stage>/) and finishes with the same metrics as an uninterrupted run.
+(<workdir>/ckpt/<stage>/) and finishes with the same metrics as an uninterrupted run; a damaged
+periodic checkpoint is deleted with a warning and the one before it is used (none readable: the
+stage starts again). Damaged run files (config.json, split.npz, teacher/, student/, metrics.json)
+and an unusable --workdir are one-line errors saying how to recover. A non-finite loss or gradient
+norm stops training with an error naming the stage, epoch and step (checked with every epoch's
+end, so no later), and nothing non-finite is saved as a checkpoint or a final model.
 """
 from __future__ import annotations
 
@@ -66,6 +71,12 @@ class RunLog:
       tqdm.write(msg, file=sys.stdout)
       sys.stdout.flush()
 
+  def warn(self, msg: str) -> None:
+    """A `warning: ...` line on stderr, also with --quiet (on the primary process)."""
+    if self.primary:
+      tqdm.write(msg if msg.startswith("warning:") else f"warning: {msg}", file=sys.stderr)
+      sys.stderr.flush()
+
   def record(self, entry: dict) -> None:
     if not self.primary:
       return
@@ -121,9 +132,16 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
   ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "ckpt", stage))
   start, wall_before = 0, 0.0
   if ckpts.latest_epoch() is not None:
-    state, meta = ckpts.restore(state)
-    start, wall_before = int(meta["epoch"]), float(meta.get("wall_time_s", 0.0))
-    log(f"{stage}: resuming from the checkpoint at epoch {start}/{epochs}")
+    # A damaged periodic checkpoint: the one before it (deleted with a warning); none readable:
+    # the stage from scratch (the same numbers, only slower).
+    restored = ckpts.restore_latest(state, warn=log.warn)
+    if restored is None:
+      log.warn(f"warning: {ckpts.directory}: no readable training checkpoint; training the "
+               f"{stage} stage from epoch 0")
+    else:
+      state, meta = restored
+      start, wall_before = int(meta["epoch"]), float(meta.get("wall_time_s", 0.0))
+      log(f"{stage}: resuming from the checkpoint at epoch {start}/{epochs}")
   log.truncate(stage, start)
   # Several devices: the batch is sharded over them, everything else replicated (one jit).
   mesh = sharding.data_parallel_mesh(sampler.batch_size,
@@ -166,43 +184,96 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
   window: list = []
   bar = tqdm(total=epochs, initial=start, desc=stage, unit="epoch", mininterval=1.0,
              file=sys.stderr, dynamic_ncols=True, disable=log.quiet)
-  for epoch in range(start, epochs):
-    batches = sampler.epoch(epoch)  # (steps, B) indices into the train set
-    for rows in batches:
-      state, m = run(state, rows)
-      window.append(m)
-    jax.block_until_ready(m)  # so that the progress bar and its ETA follow the computation
-    bar.update(1)
-    done = epoch + 1
-    if done % cfg.log_every == 0 or done == epochs:
-      ms = jax.device_get(window)
-      mean = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
-      mean["lr"] = float(ms[-1]["lr"])
-      window = []
-      entry = {"stage": stage, "epoch": done, "step": int(jax.device_get(state.step)),
-               "wall_time_s": round(wall_before + time.time() - t0, 3), **mean}
-      log.record(entry)
-      parts = " ".join(f"{k} {v:.4f}" for k, v in mean.items()
-                       if k not in ("lr", "train_oa", "grad_norm"))
-      log(f"{stage} epoch {done}/{epochs}: {parts} | lr {mean['lr']:.3e} | grad "
-          f"{mean['grad_norm']:.3f} | train OA {100 * mean['train_oa']:.2f}%")
-      bar.set_postfix(loss=f"{mean['loss']:.4f}", oa=f"{100 * mean['train_oa']:.1f}")
-    if done % cfg.ckpt_every == 0 and done < epochs:
-      jax.block_until_ready(state)
-      ckpts.save(done, state, {"epoch": done, "stage": stage, "next_epoch": done,
-                               "wall_time_s": wall_before + time.time() - t0})
-      log(f"{stage}: checkpoint saved at epoch {done}")
-  bar.close()
-  jax.block_until_ready(state)
-  ckpts.close()
+  try:
+    for epoch in range(start, epochs):
+      batches = sampler.epoch(epoch)  # (steps, B) indices into the train set
+      this_epoch = []
+      for rows in batches:
+        state, m = run(state, rows)
+        this_epoch.append(m)
+      window += this_epoch
+      done = epoch + 1
+      log_now = done % cfg.log_every == 0 or done == epochs
+      # Non-finite loss / gradient norm: stop now (nothing of it saved), naming the first bad step.
+      # Both wait for the epoch's last step, so that the progress bar and its ETA follow the
+      # computation: a logging epoch fetches the window anyway, any other does one tiny reduction.
+      if log_now:
+        ms = jax.device_get(window)
+        bad = _first_non_finite(ms[len(ms) - len(this_epoch):])
+      else:
+        bad = int(_first_non_finite_on_device(
+            [m["loss"] for m in this_epoch], [m["grad_norm"] for m in this_epoch]))
+      if bad >= 0:
+        _raise_non_finite(stage, done, bad, len(this_epoch), jax.device_get(this_epoch[bad]), cfg)
+      bar.update(1)
+      if log_now:
+        mean = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
+        mean["lr"] = float(ms[-1]["lr"])
+        window = []
+        entry = {"stage": stage, "epoch": done, "step": int(jax.device_get(state.step)),
+                 "wall_time_s": round(wall_before + time.time() - t0, 3), **mean}
+        log.record(entry)
+        parts = " ".join(f"{k} {v:.4f}" for k, v in mean.items()
+                         if k not in ("lr", "train_oa", "grad_norm"))
+        log(f"{stage} epoch {done}/{epochs}: {parts} | lr {mean['lr']:.3e} | grad "
+            f"{mean['grad_norm']:.3f} | train OA {100 * mean['train_oa']:.2f}%")
+        bar.set_postfix(loss=f"{mean['loss']:.4f}", oa=f"{100 * mean['train_oa']:.1f}")
+      if done % cfg.ckpt_every == 0 and done < epochs:
+        _check_finite_state(state, stage, done, cfg)
+        ckpts.save(done, state, {"epoch": done, "stage": stage, "next_epoch": done,
+                                 "wall_time_s": wall_before + time.time() - t0})
+        log(f"{stage}: checkpoint saved at epoch {done}")
+    _check_finite_state(state, stage, epochs, cfg)  # also waits for the last step
+  finally:
+    bar.close()
+    ckpts.close()
   wall = wall_before + time.time() - t0
   return nnx.merge(graphdef, state.params, state.batch_stats), wall
+
+
+def _first_non_finite(ms: list[dict]) -> int:
+  """Index of the first step whose loss or gradient norm is not finite (host values), or -1."""
+  for i, m in enumerate(ms):
+    if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+      return i
+  return -1
+
+
+@jax.jit
+def _first_non_finite_on_device(losses: list, norms: list) -> jax.Array:
+  """`_first_non_finite` of an epoch's device scalars in one call (one int fetched, no more)."""
+  ok = jnp.isfinite(jnp.stack(losses)) & jnp.isfinite(jnp.stack(norms))
+  return jnp.where(ok.all(), -1, jnp.argmin(ok))
+
+
+def _all_finite(tree) -> bool:
+  """On the host: no compile, and a checkpoint or final save fetches the state anyway."""
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(tree))
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def _raise_non_finite(stage: str, epoch: int, i: int, steps: int, m: dict, cfg) -> None:
+  what = (f"the loss is {float(m['loss'])}" if not np.isfinite(m["loss"])
+          else f"the gradient norm is {float(m['grad_norm'])}")
+  raise errors.UserError(
+      f"{stage} epoch {epoch} step {i + 1}/{steps}: {what}; nothing saved as the final model "
+      f"(use a new --workdir with a lower --set lr=... than {cfg.lr:g}, or check the inputs)")
+
+
+def _check_finite_state(state, stage: str, epoch: int, cfg) -> None:
+  """Before a checkpoint or the final model: parameters and BatchNorm statistics all finite
+  (finite losses and gradients can still make an update overflow)."""
+  if not _all_finite((state.params, state.batch_stats)):
+    raise errors.UserError(
+        f"{stage} epoch {epoch}: the parameters are not finite after the epoch's last update; "
+        f"nothing saved as the final model (use a new --workdir with a lower --set lr=... than "
+        f"{cfg.lr:g}, or check the inputs)")
 
 
 def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   """One seed: pretrain and/or distill (resuming), then evaluation and maps. Returns metrics."""
   workdir = os.path.abspath(cfg.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   _check_workdir_config(cfg, workdir)
   log = log or RunLog(workdir)
   log(f"run config ({os.path.join(workdir, 'config.json')}):\n{config_lib.describe(cfg)}")
@@ -217,10 +288,12 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   meta_common = {"dataset": spec.name, "seed": cfg.seed, "text_encoder": rd.text_encoder,
                  "text_sha256": rd.text_sha256}
 
+  redo = "delete that folder to redo the {} stage".format
   if cfg.stage in ("all", "pretrain"):
-    if checkpoint.is_model_checkpoint(teacher_dir):
+    if checkpoint.has_model(teacher_dir, hint=redo("pretrain")):
       log(f"pretrain: done already, loading {teacher_dir}")
-      teacher, _, tmeta = checkpoint.load_model(teacher_dir, scan_impl=scan_impl)
+      teacher, _, tmeta = checkpoint.load_model(teacher_dir, scan_impl=scan_impl,
+                                                hint=redo("pretrain"))
       epochs["pretrain"], walls["pretrain"] = tmeta.get("epochs", 0), tmeta.get("wall_time_s", 0.0)
     else:
       mcfg = config_lib.model_config(cfg, spec, rd.z.shape[1], prompts=False)
@@ -242,14 +315,19 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   elif cfg.stage in ("all", "distill"):
     if teacher is None:
       src = cfg.teacher_ckpt or teacher_dir
-      if not checkpoint.is_model_checkpoint(src):
+      # our own teacher/ damaged: redo it; a --teacher-ckpt folder that is none: the user's path
+      hint = (redo("pretrain") if not cfg.teacher_ckpt
+              else "give the teacher/ dir of another finished run")
+      if not (checkpoint.is_model_checkpoint(src) if cfg.teacher_ckpt
+              else checkpoint.has_model(src, hint=hint)):
         raise errors.UserError(f"--teacher-ckpt {src}: no teacher checkpoint; run --stage "
                                "pretrain first or give the teacher/ dir of a finished run")
-      teacher, _, tmeta = checkpoint.load_model(src, scan_impl=scan_impl)
+      teacher, _, tmeta = checkpoint.load_model(src, scan_impl=scan_impl, hint=hint)
       epochs["pretrain"], walls["pretrain"] = tmeta.get("epochs", 0), tmeta.get("wall_time_s", 0.0)
-    if checkpoint.is_model_checkpoint(student_dir):
+    if checkpoint.has_model(student_dir, hint=redo("distill")):
       log(f"distill: done already, loading {student_dir}")
-      student, _, smeta = checkpoint.load_model(student_dir, scan_impl=scan_impl)
+      student, _, smeta = checkpoint.load_model(student_dir, scan_impl=scan_impl,
+                                                hint=redo("distill"))
       wall = smeta.get("wall_time_s", 0.0)
     else:
       tcfg = teacher.cfg
@@ -270,8 +348,7 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   if not trained_now and os.path.isfile(metrics_path):
     log(f"evaluation: done already ({metrics_path}); `python -m dpmamba_jax.evaluate --workdir "
         f"{workdir}` recomputes it")
-    with open(metrics_path) as f:
-      metrics = json.load(f)
+    metrics = _read_metrics(metrics_path, workdir)
   else:
     metrics = evaluate.evaluate_run(rd, workdir, teacher, student, epochs=epochs,
                                     wall_time_s=walls, batch=cfg.eval_batch, log=log)
@@ -300,13 +377,58 @@ def _check_teacher(tcfg, cfg, spec, rd) -> None:
                            "encoder")
 
 
+def _read_metrics(path: str, workdir: str) -> dict:
+  """metrics.json of a finished run; a damaged one is a UserError saying how to redo it."""
+  redo = (f"delete it to re-evaluate, or run python -m dpmamba_jax.evaluate --workdir {workdir}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      metrics = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise errors.UserError(f"{path}: not valid JSON ({' '.join(str(e).split())}); {redo}") from None
+  missing = ([k for k in evaluate.METRICS_FILE_KEYS if k not in metrics]
+             if isinstance(metrics, dict) else None)
+  if missing is None or missing:
+    what = (f"a JSON {type(metrics).__name__}" if missing is None
+            else f"no key {missing[0]!r}")
+    raise errors.UserError(f"{path}: {what}, expected the metrics of a finished run; {redo}")
+  return metrics
+
+
+def _make_workdir(workdir: str) -> None:
+  """Creates the workdir (and its parents); an OSError is one line naming the path and why."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise errors.UserError(f"--workdir {workdir}: {_why_no_folder(workdir, e)}") from None
+
+
+def _why_no_folder(path: str, e: OSError) -> str:
+  if isinstance(e, FileExistsError) and not os.path.isdir(path):
+    return "is a file, expected a folder"
+  if isinstance(e, NotADirectoryError):
+    parent = os.path.dirname(path)
+    while parent and parent != os.path.dirname(parent) and not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+      return f"{parent} is a file, expected a folder"
+  where = f" {e.filename}" if e.filename and os.fspath(e.filename) != path else ""
+  return f"cannot create{where or ' it'} ({e.strerror or e})"
+
+
 def _check_workdir_config(cfg, workdir: str) -> None:
   """Writes config.json, or checks that a rerun uses the same settings (resume)."""
   path = os.path.join(workdir, "config.json")
   new = cfg.to_dict()
   if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
+    damaged = (f"{path}: damaged ({{}}); this workdir's settings cannot be checked: use a new "
+               "--workdir or restore the file").format
+    try:
+      with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise errors.UserError(damaged(f"not valid JSON: {' '.join(str(e).split())}")) from None
+    if not isinstance(old, dict):
+      raise errors.UserError(damaged(f"a JSON {type(old).__name__}, expected an object"))
     defaults = config_lib.RunConfig().to_dict()  # keys added later read as their defaults
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _FREE_KEYS and old.get(k, defaults.get(k)) != new.get(k))
@@ -315,7 +437,11 @@ def _check_workdir_config(cfg, workdir: str) -> None:
       raise errors.UserError(
           f"{path}: this workdir was run with {k}={old.get(k)!r}, now {k}={new.get(k)!r}; "
           "rerun with the same settings to resume, or use a new --workdir")
-  fileio.write_json(path, new)
+  try:
+    fileio.write_json(path, new)
+  except OSError as e:  # an unwritable workdir (or config.json a folder, ...)
+    raise errors.UserError(f"--workdir {workdir}: cannot write {os.path.basename(path)} "
+                           f"({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +449,7 @@ def _check_workdir_config(cfg, workdir: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = errors.ArgumentParser(
       prog="python -m dpmamba_jax.train",
       description="Train DPMamba (teacher pretraining, then student distillation), evaluate the "
                   "last-epoch models over every modality scenario and draw the maps. Rerun the "
@@ -433,7 +559,7 @@ def main(argv=None) -> int:
 
 def _log_for(cfg, quiet: bool) -> RunLog:
   workdir = os.path.abspath(cfg.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  _make_workdir(workdir)
   return RunLog(workdir, quiet=quiet)
 
 

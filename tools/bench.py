@@ -368,7 +368,7 @@ def format_table(rows: list[dict]) -> str:
 
 @errors.cli_entry
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = errors.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--dataset", action="append", help="trento (default), houston, augsburg, ...")
   ap.add_argument("--scan-impl", action="append",
                   help="auto (default), recurrent, associative, or all")

@@ -12,7 +12,6 @@ scan from zero (reference-spec §2.8).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -62,7 +61,7 @@ def pick_prefix(keys, prefix: str | None, path: str) -> str:
 
 @errors.cli_entry
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = errors.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("input", help="state dict: .npz (exported) or .pth (needs torch)")
   ap.add_argument("output", help="checkpoint directory to write")
   ap.add_argument("--prefix", default=None,

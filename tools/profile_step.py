@@ -19,7 +19,6 @@ calls overlap, and their times then include the wait for a core.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
 import glob
@@ -188,7 +187,7 @@ def format_report(r: dict, top: int) -> str:
 
 @errors.cli_entry
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap = errors.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--dataset", default="trento")
   ap.add_argument("--step", choices=("student", "teacher", "predict"), default="student")
   ap.add_argument("--batch", type=int, default=512, help="predict batch (train steps: the "

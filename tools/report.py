@@ -347,7 +347,7 @@ def render(grid: dict, dataset_names: Sequence[str], variants: Sequence[str], se
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = errors.ArgumentParser(
       prog="python tools/report.py",
       description="Run (--run) or collect the experiment grid datasets x variants x seeds and "
                   "write the paper's Tables 1-3 as Markdown (mean ± std over seeds).")

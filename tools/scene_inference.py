@@ -41,7 +41,7 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python tools/scene_inference.py", description=__doc__.split(
+  p = errors.ArgumentParser(prog="python tools/scene_inference.py", description=__doc__.split(
       "\n\n")[0])
   p.add_argument("--height", type=int, default=349)
   p.add_argument("--width", type=int, default=1905)

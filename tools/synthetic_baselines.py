@@ -10,7 +10,6 @@ modality and for the fusion (features concatenated), averaged over the seeds.
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -64,7 +63,7 @@ def run(seed: int, spec: datasets.DatasetSpec) -> dict[str, dict[str, float]]:
 
 @errors.cli_entry
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = errors.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="split seeds")
   ap.add_argument("--json", action="store_true")
   args = ap.parse_args(argv)

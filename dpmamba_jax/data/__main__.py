@@ -2,7 +2,6 @@
 summarise a dataset (shapes, value ranges, class counts, split sizes)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -80,7 +79,7 @@ def _format_text(info: dict) -> str:
 
 @errors.cli_entry
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m dpmamba_jax.data",
+  ap = errors.ArgumentParser(prog="python -m dpmamba_jax.data",
                                description="Load, validate and summarise a dataset.")
   ap.add_argument("--dataset", default="synthetic", help=f"one of {', '.join(datasets.DATASETS)}")
   ap.add_argument("--data-dir", default=None,
@@ -98,6 +97,11 @@ def main(argv=None) -> int:
                   help="test on every labelled pixel, as the authors do")
   ap.add_argument("--json", action="store_true", help="print JSON")
   args = ap.parse_args(argv)
+  if args.per_class is not None and args.per_class < 1:
+    raise UserError(f"--per-class {args.per_class}: expected an int >= 1 (training pixels per "
+                    f"class)")
+  if args.seed is not None and args.seed < 0:
+    raise UserError(f"--seed {args.seed}: expected a non-negative int")
   spec = datasets.get_spec(args.dataset)
   scene = load_scene(spec, args.data_dir, keys=_parse_overrides(args.key, "key"),
                      files=_parse_overrides(args.file, "file"))

@@ -8,11 +8,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import struct
+import tokenize
+import zipfile
+import zlib
 from typing import Mapping, Optional, Sequence
 
 import h5py
 import numpy as np
 import scipy.io
+import scipy.io.matlab
+import scipy.sparse
 
 from dpmamba_jax.data import datasets
 from dpmamba_jax.data import synthetic
@@ -23,39 +29,202 @@ DATA_DIR_ENV = "DPMAMBA_DATA_DIR"
 EXTENSIONS = (".mat", ".npy", ".npz")
 LABEL_KEY = "labels"  # name of the label map in `keys` / `files` overrides
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (.npz), an empty one
 
 
 # --------------------------------------------------------------------------------------------------
 # Readers
 
 
-def _is_hdf5(path: pathlib.Path) -> bool:
-  """MATLAB v7.3 files are HDF5: signature at byte 0 or after the 512-byte MATLAB header."""
+# What each reader expects, for messages.
+_EXPECTED = {".mat": "a MATLAB .mat file (v5, or v7.3 = HDF5)",
+             ".npy": "a NumPy .npy file (np.save)",
+             ".npz": "a NumPy .npz archive (np.savez)"}
+
+# The exceptions the readers raise on a damaged or foreign file (found by damaging files): truncated
+# or corrupt streams (EOFError, OSError - h5py's too -, zlib.error, zipfile.BadZipFile, struct.error),
+# headers that do not parse (ValueError, SyntaxError, tokenize.TokenError), scipy's MatReadError and
+# NotImplementedError (unsupported .mat variants). scipy's IndexError on a cut-off header is caught
+# around loadmat only.
+READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, tokenize.TokenError, zlib.error,
+                zipfile.BadZipFile, struct.error, scipy.io.matlab.MatReadError, NotImplementedError)
+
+
+def _unreadable(path, ext: str, e: BaseException) -> UserError:
+  msg = " ".join(str(e).split())
+  if len(msg) > 160:
+    msg = msg[:157] + "..."
+  name = type(e).__name__
+  if name == "error":  # zlib.error, struct.error
+    name = f"{type(e).__module__}.error"
+  return UserError(f"{path}: cannot be read as {ext} ({name}{': ' + msg if msg else ''}); "
+                   f"expected {_EXPECTED[ext]}")
+
+
+def _head(path: pathlib.Path) -> bytes:
   with open(path, "rb") as f:
-    head = f.read(520)
+    return f.read(520)
+
+
+def _is_hdf5(head: bytes) -> bool:
+  """MATLAB v7.3 files are HDF5: signature at byte 0 or after the 512-byte MATLAB header."""
   return head[:8] == _HDF5_SIGNATURE or head[512:520] == _HDF5_SIGNATURE
 
 
-def _pick_key(path, available: Sequence[str], key: Optional[str]) -> str:
-  """Key to read: the override, else the one named like the file, else the only array."""
-  if key is not None:
-    if key not in available:
-      raise UserError(f"{path}: no key {key!r}; keys present: {', '.join(available) or 'none'}")
-    return key
-  stem = pathlib.Path(path).stem.lower()
-  named = [k for k in available if k.lower() == stem]
-  if named:
-    return named[0]
-  if len(available) == 1:
-    return available[0]
-  if not available:
-    raise UserError(f"{path}: holds no numeric array")
-  raise UserError(f"{path}: holds several arrays ({', '.join(available)}) and none is named "
-                  f"{pathlib.Path(path).stem!r}; choose one with a key override (--key NAME=KEY)")
+def _dtype_problem(dtype: np.dtype) -> Optional[str]:
+  """None for real numbers (bool, int, uint, float), else what the array holds and what was
+  expected (completes "<file>: key 'k' ...")."""
+  kind = dtype.kind
+  if kind in "biuf":
+    return None
+  if kind == "c":
+    return f"holds complex numbers ({dtype}); expected real numbers"
+  if kind in "US":
+    return f"holds text ({dtype}), not numbers; expected a numeric array"
+  if kind == "O":
+    return "holds objects (dtype object: a cell array or pickled data); expected a numeric array"
+  if kind in "mM":
+    return f"holds dates / times ({dtype}); expected a numeric array"
+  return f"holds records ({dtype}, e.g. a MATLAB struct); expected a numeric array"
+
+
+def _array_problem(shape, dtype: np.dtype) -> Optional[str]:
+  problem = _dtype_problem(np.dtype(dtype))
+  if problem is None and int(np.prod(shape)) == 0:
+    problem = f"is empty (shape {tuple(shape)}); expected a non-empty numeric array"
+  return problem
+
+
+def _value_problem(value) -> Optional[str]:
+  """_array_problem of a value scipy.io.loadmat returned (which may be no ndarray at all)."""
+  if scipy.sparse.issparse(value):
+    return "is a sparse matrix; expected a dense numeric array"
+  if not isinstance(value, np.ndarray):
+    return f"is a {type(value).__name__}; expected a numeric array"
+  return _array_problem(value.shape, value.dtype)
 
 
 def _numeric(a) -> bool:
-  return isinstance(a, np.ndarray) and a.dtype.kind in "biuf" and a.size > 0
+  return _value_problem(a) is None
+
+
+def _pick_key(path, names: Sequence[str], good: Sequence[str], key: Optional[str]) -> str:
+  """Key to read: the override, else the one named like the file, else the only usable array.
+
+  `names` are all keys of the file, `good` those holding a non-empty real numeric array; the
+  caller reports what is wrong with a chosen key that is not in `good`.
+  """
+  if key is not None:
+    if key not in names:
+      raise UserError(f"{path}: no key {key!r}; keys present: {', '.join(names) or 'none'}")
+    return key
+  stem = pathlib.Path(path).stem.lower()
+  named = [k for k in names if k.lower() == stem]
+  if named:
+    return named[0]
+  if len(good) == 1:
+    return good[0]
+  if not good:
+    if len(names) == 1:
+      return names[0]
+    raise UserError(f"{path}: holds no numeric array (keys: {', '.join(names) or 'none'}); "
+                    f"expected a non-empty array of real numbers")
+  raise UserError(f"{path}: holds several arrays ({', '.join(good)}) and none is named "
+                  f"{pathlib.Path(path).stem!r}; choose one with a key override (--key NAME=KEY)")
+
+
+def _npy_header(f) -> tuple[tuple, np.dtype]:
+  """(shape, dtype) from the header of a .npy stream (positioned at its start)."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+  else:
+    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+  return shape, dtype
+
+
+def _read_npy(path: pathlib.Path, head: bytes, key: Optional[str]) -> tuple[np.ndarray, str]:
+  if not head.startswith(_NPY_MAGIC):
+    if head[:4] in _ZIP_MAGICS:
+      raise UserError(f"{path}: is a .npz archive (zip), not a .npy file; rename it to .npz")
+    raise UserError(f"{path}: not a .npy file (no NumPy header); expected {_EXPECTED['.npy']}")
+  with open(path, "rb") as f:
+    shape, dtype = _npy_header(f)
+  problem = _array_problem(shape, dtype)
+  if problem:
+    raise UserError(f"{path}: {problem}")
+  return np.asarray(np.load(path, allow_pickle=False)), key or path.stem
+
+
+def _read_npz(path: pathlib.Path, head: bytes, key: Optional[str]) -> tuple[np.ndarray, str]:
+  if head[:4] not in _ZIP_MAGICS:
+    if head.startswith(_NPY_MAGIC):
+      raise UserError(f"{path}: is a .npy file, not a .npz archive; rename it to .npy")
+    raise UserError(f"{path}: not a .npz archive (not a zip file); expected {_EXPECTED['.npz']}")
+  headers = {}
+  with zipfile.ZipFile(path) as zf:
+    for member in zf.namelist():
+      with zf.open(member) as f:
+        headers[member[:-4] if member.endswith(".npy") else member] = _npy_header(f)
+  names = list(headers)
+  good = [k for k in names if _array_problem(*headers[k]) is None]
+  k = _pick_key(path, names, good, key)
+  problem = _array_problem(*headers[k])
+  if problem:
+    raise UserError(f"{path}: key {k!r} {problem}")
+  with np.load(path, allow_pickle=False) as z:
+    return np.asarray(z[k]), k
+
+
+def _h5_problem(obj) -> Optional[str]:
+  if not isinstance(obj, h5py.Dataset):
+    return "is a group (a MATLAB struct), not an array; expected a numeric array"
+  cls = obj.attrs.get("MATLAB_class", b"")
+  cls = cls.decode() if isinstance(cls, bytes) else str(cls)
+  if cls == "char":  # MATLAB stores char arrays as uint16
+    return "holds text (MATLAB char); expected a numeric array"
+  if cls == "cell":
+    return "holds a MATLAB cell array; expected a numeric array"
+  if obj.attrs.get("MATLAB_empty", 0):
+    return "is empty (MATLAB []); expected a non-empty numeric array"
+  if obj.dtype.names and set(obj.dtype.names) == {"real", "imag"}:
+    return "holds complex numbers; expected real numbers"
+  return _array_problem(obj.shape, obj.dtype)
+
+
+def _read_hdf5(path: pathlib.Path, key: Optional[str]) -> tuple[np.ndarray, str]:
+  try:
+    return _read_hdf5_file(path, key)
+  except (KeyError, RuntimeError, TypeError) as e:  # h5py on damaged headers, links, B-trees, types
+    raise _unreadable(path, ".mat", e) from e
+
+
+def _read_hdf5_file(path: pathlib.Path, key: Optional[str]) -> tuple[np.ndarray, str]:
+  with h5py.File(path, "r") as f:
+    # (h5py gives undecodable names as bytes: not MATLAB variable names)
+    names = [k for k in f.keys() if isinstance(k, str) and not k.startswith("#")]
+    good = [k for k in names if _h5_problem(f[k]) is None]
+    k = _pick_key(path, names, good, key)
+    problem = _h5_problem(f[k])
+    if problem:
+      raise UserError(f"{path}: key {k!r} {problem} (MATLAB v7.3)")
+    # HDF5 stores MATLAB's column-major arrays with the axes reversed.
+    return np.ascontiguousarray(np.asarray(f[k][()]).T), k
+
+
+def _read_mat5(path: pathlib.Path, key: Optional[str]) -> tuple[np.ndarray, str]:
+  try:
+    d = scipy.io.loadmat(path)
+  except (IndexError, TypeError) as e:  # scipy on cut-off headers, damaged element tags
+    raise _unreadable(path, ".mat", e) from e
+  names = [k for k in d if not k.startswith("__")]
+  good = [k for k in names if _numeric(d[k])]
+  k = _pick_key(path, names, good, key)
+  problem = _value_problem(d[k])
+  if problem:
+    raise UserError(f"{path}: key {k!r} {problem}")
+  return np.asarray(d[k]), k
 
 
 def read_array(path, key: Optional[str] = None) -> tuple[np.ndarray, str]:
@@ -67,7 +236,9 @@ def read_array(path, key: Optional[str] = None) -> tuple[np.ndarray, str]:
 
   Returns:
     (array, key used). MATLAB v7.3 arrays (stored transposed by HDF5) are transposed back, so a
-    MATLAB H x W x C variable comes back as (H, W, C).
+    MATLAB H x W x C variable comes back as (H, W, C). The array holds real numbers (bool, int,
+    uint or float) and is not empty: anything else (complex, text, objects, a damaged or foreign
+    file) is a one-line UserError naming the file and key.
   """
   arr, k, _ = _read(path, key)
   return arr, k
@@ -76,46 +247,26 @@ def read_array(path, key: Optional[str] = None) -> tuple[np.ndarray, str]:
 def _read(path, key: Optional[str]) -> tuple[np.ndarray, str, bool]:
   """read_array, plus whether the array came from HDF5 (so its axis order is a guess)."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise UserError(f"{path}: is a folder; expected a .mat, .npy or .npz file")
   if not path.is_file():
     raise UserError(f"{path}: file not found")
   ext = path.suffix.lower()
+  if ext not in EXTENSIONS:
+    raise UserError(f"{path}: unsupported file type {ext!r}; expected .mat, .npy or .npz")
   try:
+    head = _head(path)
+    if not head:
+      raise UserError(f"{path}: is empty (0 bytes); expected {_EXPECTED[ext]}")
     if ext == ".npy":
-      arr = np.load(path, allow_pickle=False)
-      return np.asarray(arr), key or path.stem, False
+      return (*_read_npy(path, head, key), False)
     if ext == ".npz":
-      with np.load(path, allow_pickle=False) as z:
-        avail = [k for k in z.files if _numeric(z[k])]
-        k = _pick_key(path, avail if key is None else list(z.files), key)
-        return np.asarray(z[k]), k, False
-    if ext != ".mat":
-      raise UserError(f"{path}: unsupported file type {ext!r}; expected .mat, .npy or .npz")
-    if _is_hdf5(path):
-      with h5py.File(path, "r") as f:
-        names = [k for k in f.keys() if not k.startswith("#")]
-        def numeric(k):  # MATLAB stores char arrays as uint16 with MATLAB_class 'char'
-          obj = f[k]
-          cls = obj.attrs.get("MATLAB_class", b"") if isinstance(obj, h5py.Dataset) else b"-"
-          cls = cls.decode() if isinstance(cls, bytes) else str(cls)
-          return isinstance(obj, h5py.Dataset) and obj.dtype.kind in "biuf" and cls != "char"
-        avail = [k for k in names if numeric(k)]
-        k = _pick_key(path, avail if key is None else names, key)
-        if not numeric(k):
-          raise UserError(f"{path}: key {k!r} is not a numeric array (MATLAB v7.3)")
-        # HDF5 stores MATLAB's column-major arrays with the axes reversed.
-        return np.ascontiguousarray(np.asarray(f[k][()]).T), k, True
-    d = scipy.io.loadmat(path)
-    names = [k for k in d if not k.startswith("__")]
-    avail = [k for k in names if _numeric(d[k])]
-    k = _pick_key(path, avail if key is None else names, key)
-    if not _numeric(d[k]):
-      raise UserError(f"{path}: key {k!r} is not a numeric array (type {type(d[k]).__name__})")
-    return np.asarray(d[k]), k, False
-  except UserError:
-    raise
-  except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
-    msg = " ".join(str(e).split())
-    raise UserError(f"{path}: cannot be read as {ext} ({type(e).__name__}: {msg})") from e
+      return (*_read_npz(path, head, key), False)
+    if _is_hdf5(head):
+      return (*_read_hdf5(path, key), True)
+    return (*_read_mat5(path, key), False)
+  except READ_ERRORS as e:
+    raise _unreadable(path, ext, e) from e
 
 
 def _find_file(folder: pathlib.Path, stems: Sequence[str]) -> Optional[pathlib.Path]:
@@ -201,6 +352,9 @@ def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labe
   out = []
   for i, (cube, mod, want) in enumerate(zip(cubes, spec.modalities, spec.bands)):
     cube = np.asarray(cube)
+    if cube.dtype.kind not in "iuf":
+      raise UserError(f"{names[i]}: {mod} array has dtype {cube.dtype}; expected real numbers "
+                      f"(int, uint or float)")
     if cube.ndim == 2:
       cube = cube[..., None]
     if cube.ndim != 3:
@@ -217,6 +371,9 @@ def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labe
     out.append(np.asarray(cube, np.float32))
   h, w = out[0].shape[:2]
   lab = np.asarray(labels)
+  if lab.dtype.kind not in "biuf":
+    raise UserError(f"{names[-1]}: label map has dtype {lab.dtype}; expected integer class "
+                    f"indices 0..{spec.num_classes}")
   if lab.ndim == 3 and lab.shape[-1] == 1:
     lab = lab[..., 0]
   if lab.shape != (h, w):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import numbers
 import pathlib
 from typing import Optional, Sequence
 
 import numpy as np
 
 from dpmamba_jax import fileio
-from dpmamba_jax.data.io import Scene, read_array
+from dpmamba_jax.data.io import READ_ERRORS, Scene, read_array
 from dpmamba_jax.errors import UserError
 
 
@@ -30,6 +31,15 @@ def labels_at(labels: np.ndarray, flat_idx: np.ndarray) -> np.ndarray:
   return (np.asarray(labels).ravel()[np.asarray(flat_idx)] - 1).astype(np.int32)
 
 
+def _check_int(value, name: str, minimum: int) -> int:
+  """`value` as an int >= minimum, else UserError naming `name` (bools and floats are refused)."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or int(value) < minimum):
+    what = "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
+    raise UserError(f"{name}={value!r}; expected {what}")
+  return int(value)
+
+
 def make_split(labels: np.ndarray, per_class: int, seed: int, *,
                include_train_in_test: bool = False, num_classes: Optional[int] = None,
                class_names: Optional[Sequence[str]] = None) -> Split:
@@ -37,8 +47,8 @@ def make_split(labels: np.ndarray, per_class: int, seed: int, *,
 
   Args:
     labels: (H, W) label map, 0 = unlabelled, 1..C.
-    per_class: training pixels per class.
-    seed: the random seed (same seed, same split).
+    per_class: training pixels per class (an int >= 1).
+    seed: the random seed (a non-negative int; same seed, same split).
     include_train_in_test: test = every labelled pixel, as the authors do (default: only the
       labelled pixels not used for training).
     num_classes: C; default labels.max().
@@ -47,6 +57,8 @@ def make_split(labels: np.ndarray, per_class: int, seed: int, *,
   Returns:
     Split; train_idx sorted by (class, raster), test_idx in raster order.
   """
+  per_class = _check_int(per_class, "train_per_class", 1)
+  seed = _check_int(seed, "seed", 0)
   flat = np.asarray(labels).ravel()
   c_total = int(flat.max()) if num_classes is None else int(num_classes)
   rng = np.random.default_rng(seed)
@@ -64,41 +76,133 @@ def make_split(labels: np.ndarray, per_class: int, seed: int, *,
   return Split(train_idx, test_idx.astype(np.int64), int(seed))
 
 
+_SPLIT_EXPECTED = ("expected an .npz with integer arrays train_idx, test_idx (and seed) as written "
+                   "by save_split")
+
+
 def save_split(path, split: Split) -> None:
-  """Writes the split to an .npz (keys train_idx, test_idx, seed), atomically."""
+  """Writes the split to an .npz (keys train_idx, test_idx, seed, include_train_in_test), atomically.
+
+  include_train_in_test records whether the test set holds training pixels (an overlap made on
+  purpose, e.g. make_split(include_train_in_test=True)); load_split accepts such a file.
+  """
+  overlap = bool(np.intersect1d(split.train_idx, split.test_idx).size)
   buf = io.BytesIO()
-  np.savez(buf, train_idx=split.train_idx, test_idx=split.test_idx, seed=np.int64(split.seed))
+  np.savez(buf, train_idx=split.train_idx, test_idx=split.test_idx, seed=np.int64(split.seed),
+           include_train_in_test=np.bool_(overlap))
   fileio.write_bytes(path, buf.getvalue())
 
 
-def load_split(path, labels: Optional[np.ndarray] = None) -> Split:
-  """Reads a split written by save_split; checks it against `labels` when given."""
+def _split_array(path, z, key: str) -> np.ndarray:
+  arr = z[key]
+  if arr.ndim != 1 or arr.dtype.kind not in "iu":
+    raise UserError(f"{path}: {key} has dtype {arr.dtype} and shape {arr.shape}; expected a 1-D "
+                    f"array of integer flat pixel indices")
+  return arr.astype(np.int64)
+
+
+def _split_scalar(path, z, key: str, kinds: str, expected: str):
+  arr = z[key]
+  if arr.size != 1 or arr.dtype.kind not in kinds:
+    raise UserError(f"{path}: {key} has dtype {arr.dtype} and shape {arr.shape}; expected {expected}")
+  return arr.reshape(()).item()
+
+
+def load_split(path, labels: Optional[np.ndarray] = None, *, allow_overlap: bool = False) -> Split:
+  """Reads a split written by save_split; checks it against `labels` when given.
+
+  Args:
+    path: the .npz.
+    labels: the scene's (H, W) label map; when given, every index must be a labelled pixel.
+    allow_overlap: accept pixels in both train_idx and test_idx (a run with
+      include_train_in_test); a file written by save_split from such a split says so itself
+      (key include_train_in_test) and is accepted without it.
+
+  Raises:
+    UserError (one line naming the file) for a missing, damaged or foreign file, missing keys,
+    non-integer or repeated indices, overlapping train / test sets and (with `labels`) indices
+    outside the scene or on unlabelled pixels.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise UserError(f"{path}: split file not found")
   try:
+    with open(path, "rb") as f:
+      head = f.read(4)
+    if not head:
+      raise UserError(f"{path}: is empty (0 bytes); {_SPLIT_EXPECTED}")
+    if head not in (b"PK\x03\x04", b"PK\x05\x06"):
+      raise UserError(f"{path}: not a split .npz (not a zip archive); {_SPLIT_EXPECTED}")
     with np.load(path, allow_pickle=False) as z:
       missing = [k for k in ("train_idx", "test_idx") if k not in z.files]
       if missing:
         raise UserError(f"{path}: no key {missing[0]!r}; expected train_idx, test_idx, seed")
-      split = Split(z["train_idx"].astype(np.int64), z["test_idx"].astype(np.int64),
-                    int(z["seed"]) if "seed" in z.files else -1)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not a split .npz ({' '.join(str(e).split())})") from e
+      train_idx, test_idx = _split_array(path, z, "train_idx"), _split_array(path, z, "test_idx")
+      seed = (int(_split_scalar(path, z, "seed", "iu", "one integer"))
+              if "seed" in z.files else -1)
+      recorded = ("include_train_in_test" in z.files and bool(_split_scalar(
+          path, z, "include_train_in_test", "biu", "one boolean")))
+  except READ_ERRORS as e:
+    msg = " ".join(str(e).split())[:160]
+    name = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"
+    raise UserError(f"{path}: not a readable split .npz ({name}: {msg}); "
+                    f"{_SPLIT_EXPECTED}") from e
+  split = Split(train_idx, test_idx, seed)
+  allow = allow_overlap or recorded
   if labels is not None:
-    check_split(split, labels, str(path))
+    check_split(split, labels, str(path), allow_overlap=allow)
+  else:
+    _check_indices(split, str(path), allow)
   return split
 
 
-def check_split(split: Split, labels: np.ndarray, where: str = "split") -> None:
-  """UserError unless every train/test index is a labelled pixel of `labels`."""
+def _check_indices(split: Split, where: str, allow_overlap: bool) -> None:
+  if split.train_idx.size == 0:
+    raise UserError(f"{where}: train_idx is empty; expected at least one training pixel")
+  for name, idx in (("train_idx", split.train_idx), ("test_idx", split.test_idx)):
+    uniq, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+      dup = uniq[counts > 1]
+      raise UserError(f"{where}: {name} holds {dup.size} pixels more than once (e.g. pixel "
+                      f"{int(dup[0])}); expected each pixel once")
+  if not allow_overlap:
+    both = np.intersect1d(split.train_idx, split.test_idx)
+    if both.size:
+      raise UserError(f"{where}: {both.size} pixels are in both train_idx and test_idx; expected "
+                      f"disjoint sets (use include_train_in_test to test on training pixels)")
+
+
+def check_split(split: Split, labels: np.ndarray, where: str = "split", *,
+                allow_overlap: bool = False) -> None:
+  """UserError unless every train/test index is a labelled pixel of `labels`, no pixel is listed
+  twice, and (unless allow_overlap) no pixel is in both train_idx and test_idx."""
   flat = np.asarray(labels).ravel()
   for name, idx in (("train_idx", split.train_idx), ("test_idx", split.test_idx)):
     if idx.size and (idx.min() < 0 or idx.max() >= flat.size):
-      raise UserError(f"{where}: {name} holds index {int(idx.max())} outside the scene of "
-                      f"{flat.size} pixels")
+      bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+      raise UserError(f"{where}: {name} holds index {bad} outside the scene of "
+                      f"{flat.size} pixels; expected 0..{flat.size - 1}")
     if idx.size and (flat[idx] == 0).any():
-      raise UserError(f"{where}: {name} holds unlabelled pixel {int(idx[flat[idx] == 0][0])}")
+      raise UserError(f"{where}: {name} holds unlabelled pixel {int(idx[flat[idx] == 0][0])}; "
+                      f"expected labelled pixels only")
+  _check_indices(split, where, allow_overlap)
+
+
+def _check_map(path, key: str, mp: np.ndarray) -> None:
+  """A train / test map: integers 0 (not in the set) .. C (the class)."""
+  if mp.dtype.kind == "b":
+    raise UserError(f"{path}:{key}: boolean map; expected class indices (0 = not in the set, "
+                    f"1..C = class)")
+  if mp.dtype.kind == "f":
+    bad = ~np.isfinite(mp) | (mp != np.round(mp))
+    if bad.any():
+      r, c = np.argwhere(bad)[0]
+      raise UserError(f"{path}:{key}: value {mp[r, c]} at row {r}, col {c} is not an integer; "
+                      f"expected class indices (0 = not in the set, 1..C = class)")
+  if mp.min() < 0:
+    r, c = np.argwhere(mp < 0)[0]
+    raise UserError(f"{path}:{key}: value {mp[r, c]} at row {r}, col {c} is negative; expected "
+                    f"class indices (0 = not in the set, 1..C = class)")
 
 
 def split_from_maps(path, *, labels: Optional[np.ndarray] = None,
@@ -119,6 +223,8 @@ def split_from_maps(path, *, labels: Optional[np.ndarray] = None,
   tr, te = maps
   if tr.shape != te.shape or tr.ndim != 2:
     raise UserError(f"{path}: train map {tr.shape} and test map {te.shape} must be equal H x W")
+  for k, mp in zip(keys, maps):
+    _check_map(path, k, mp)
   if labels is not None:
     if tr.shape != labels.shape:
       raise UserError(f"{path}: maps are {tr.shape[0]}x{tr.shape[1]} but the scene is "
@@ -134,6 +240,9 @@ def split_from_maps(path, *, labels: Optional[np.ndarray] = None,
   train_idx = train_idx[np.argsort(trf[train_idx], kind="stable")]  # (class, raster)
   test_mask = (tef > 0) | ((trf > 0) if include_train_in_test else False)
   test_idx = np.flatnonzero(test_mask)
+  for k, idx in zip(keys, (train_idx, test_idx)):
+    if idx.size == 0:
+      raise UserError(f"{path}:{k}: map marks no pixel; expected at least one pixel of class 1..C")
   if not include_train_in_test and np.intersect1d(train_idx, test_idx).size:
     raise UserError(f"{path}: train and test maps overlap; expected disjoint sets")
   return Split(train_idx, test_idx, -1)

@@ -1,7 +1,6 @@
 """`python -m dpmamba_jax.text`: encode a dataset's class texts and show their similarity."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -9,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from dpmamba_jax.data import datasets
+from dpmamba_jax import errors
 from dpmamba_jax.errors import UserError, cli_entry
 from dpmamba_jax.text import tokenizer
 from dpmamba_jax.text.texts import ENCODERS, class_texts, cosine_similarity, encode_texts
@@ -17,7 +17,7 @@ from dpmamba_jax.text.texts import ENCODERS, class_texts, cosine_similarity, enc
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
   """python -m dpmamba_jax.text: inspect the class-text features of a dataset."""
-  ap = argparse.ArgumentParser(prog="python -m dpmamba_jax.text",
+  ap = errors.ArgumentParser(prog="python -m dpmamba_jax.text",
                                description="Encode a dataset's class texts and show their similarity.")
   ap.add_argument("--dataset", help="dataset name (trento, houston, augsburg, augsburg3, muufl, synthetic)")
   ap.add_argument("--encoder", choices=ENCODERS, default=None,

@@ -10,17 +10,51 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import tokenize
+import zipfile
 import zlib
 from typing import Any, Mapping, Sequence
 
+import msgpack
 import numpy as np
 from flax import serialization
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from dpmamba_jax import fileio
 from dpmamba_jax.errors import UserError
 from dpmamba_jax.text import tokenizer
 from dpmamba_jax.text import transformer
+
+EXPECTED_WEIGHTS = ("expected an OpenAI-format CLIP text state dict (.npz, .safetensors, .pth/.pt) "
+                    "or a Hugging Face CLIP folder (flax_model.msgpack, model.safetensors or "
+                    "pytorch_model.bin, with config.json)")
+WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
+# What numpy's .npz reader raises on a damaged or foreign file (found by damaging files;
+# NotImplementedError is zipfile's "zip file version 14.5").
+_NPZ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, tokenize.TokenError, zlib.error,
+               zipfile.BadZipFile, struct.error, NotImplementedError)
+
+
+def _unreadable(path: str, what: str, e: BaseException) -> UserError:
+  msg = " ".join(str(e).split())
+  if len(msg) > 160:
+    msg = msg[:157] + "..."
+  name = type(e).__name__ if type(e).__name__ != "error" else f"{type(e).__module__}.error"
+  return UserError(f"{path}: cannot be read as {what} ({name}{': ' + msg if msg else ''}); "
+                   f"{EXPECTED_WEIGHTS}")
+
+
+def _real_array(value, source: str, name: str) -> np.ndarray:
+  """A weight as a float32 array; UserError unless it holds real numbers."""
+  arr = np.asarray(value)
+  if arr.dtype.name == "bfloat16":  # ml_dtypes (as safetensors gives it once jax is imported)
+    return arr.astype(np.float32)
+  if arr.dtype.kind not in "iuf":
+    raise UserError(f"{source}: {name} has dtype {arr.dtype}; expected a tensor of real numbers "
+                    f"(float)")
+  return arr.astype(np.float32)
 
 def clip_text_config(**overrides):
   """The ViT-B/32 (also ViT-B/16, RN101) CLIP text-tower config, built locally (no hub)."""
@@ -84,17 +118,28 @@ def _check_params(params: Mapping, config, source: str) -> dict:
   missing = sorted("/".join(k) for k in expected if k not in flat)
   if missing:
     raise UserError(f"{source}: CLIP text weights missing {len(missing)} arrays, e.g. {missing[0]}")
+  heads = int(config.num_attention_heads)
+  if heads < 1 or config.hidden_size % heads:
+    raise UserError(f"{source}: num_attention_heads {heads} does not divide hidden_size "
+                    f"{config.hidden_size}; expected a divisor")
+  out = {}
   for k, shape in expected.items():
-    if tuple(np.shape(flat[k])) != shape:
-      raise UserError(f"{source}: {'/'.join(k)} has shape {tuple(np.shape(flat[k]))}, expected {shape}")
-  return _unflat({k: np.asarray(flat[k], np.float32) for k in expected})
+    arr = _real_array(flat[k], source, "/".join(k))
+    if arr.shape != shape:
+      raise UserError(f"{source}: {'/'.join(k)} has shape {arr.shape}, expected {shape}")
+    if not np.isfinite(arr).all():
+      raise UserError(f"{source}: {'/'.join(k)} holds NaN/Inf values; expected finite weights")
+    out[k] = arr
+  return _unflat(out)
 
 
 def _openai_prefix(sd: Mapping[str, Any], source: str) -> str:
   hits = [k for k in sd if k.endswith("token_embedding.weight") and "visual" not in k]
   if len(hits) != 1:
+    keys = list(sd)
+    shown = ", ".join(map(str, keys[:5])) + (", ..." if len(keys) > 5 else "") or "none"
     raise UserError(f"{source}: not an OpenAI CLIP text state dict (expected one "
-                    f"'token_embedding.weight' key, found {len(hits)})")
+                    f"'token_embedding.weight' key, found {len(hits)}; keys: {shown})")
   return hits[0][:-len("token_embedding.weight")]
 
 
@@ -117,22 +162,26 @@ def openai_to_flax(state_dict: Mapping[str, Any], *, num_heads: int | None = Non
   """
   p = _openai_prefix(state_dict, source)
 
-  def get(name):
+  def get(name, ndim=None):
     key = p + name
     if key not in state_dict:
-      raise UserError(f"{source}: missing key {key!r}")
-    return np.asarray(state_dict[key], np.float32)
+      raise UserError(f"{source}: missing key {key!r}; expected a complete OpenAI-format CLIP "
+                      f"text state dict")
+    arr = _real_array(state_dict[key], source, key)
+    if ndim is not None and arr.ndim != ndim:
+      raise UserError(f"{source}: {key} has shape {arr.shape}; expected {ndim} dimensions")
+    return arr
 
-  tok = get("token_embedding.weight")  # (V, W)
+  tok = get("token_embedding.weight", 2)  # (V, W)
   vocab, width = tok.shape
   layer_ids = sorted({int(m.group(1)) for k in state_dict
                       if (m := re.match(re.escape(p) + r"transformer\.resblocks\.(\d+)\.", k))})
   if not layer_ids or layer_ids != list(range(len(layer_ids))):
     raise UserError(f"{source}: no contiguous transformer.resblocks.<i> keys under prefix {p!r}")
-  proj = get("text_projection")  # (W, E)
-  pos = get("positional_embedding")  # (L, W)
+  proj = get("text_projection", 2)  # (W, E)
+  pos = get("positional_embedding", 2)  # (L, W)
   heads = num_heads or max(1, width // 64)
-  fc = get("transformer.resblocks.0.mlp.c_fc.weight")  # (4W, W)
+  fc = get("transformer.resblocks.0.mlp.c_fc.weight", 2)  # (4W, W)
   config = clip_text_config(vocab_size=vocab, hidden_size=width, intermediate_size=fc.shape[0],
                             projection_dim=proj.shape[1], num_hidden_layers=len(layer_ids),
                             num_attention_heads=heads, max_position_embeddings=pos.shape[0])
@@ -147,6 +196,10 @@ def openai_to_flax(state_dict: Mapping[str, Any], *, num_heads: int | None = Non
   for i in layer_ids:
     b = f"transformer.resblocks.{i}."
     w_in, b_in = get(b + "attn.in_proj_weight"), get(b + "attn.in_proj_bias")  # (3W, W), (3W,)
+    for name, arr, want in (("in_proj_weight", w_in, (3 * width, width)),
+                            ("in_proj_bias", b_in, (3 * width,))):
+      if arr.shape != want:
+        raise UserError(f"{source}: {p}{b}attn.{name} has shape {arr.shape}, expected {want}")
     wq, wk, wv = np.split(w_in, 3, axis=0)
     bq, bk, bv = np.split(b_in, 3, axis=0)
     layers[str(i)] = {
@@ -169,14 +222,14 @@ def openai_to_flax(state_dict: Mapping[str, Any], *, num_heads: int | None = Non
   return _check_params(params, config, source), config
 
 
-def hf_torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
+def hf_torch_to_flax(state_dict: Mapping[str, Any], source: str = "state dict") -> dict:
   """Hugging Face PyTorch-named CLIP(text) weights -> Flax param tree (text parts only)."""
   flat = {}
   for name, value in state_dict.items():
     parts = name.split(".")
     if parts[0] not in ("text_model", "text_projection") or parts[-1] == "position_ids":
       continue  # vision tower, logit_scale, buffers
-    arr = np.asarray(value, np.float32)
+    arr = _real_array(value, source, name)
     leaf = parts[-1]
     if leaf == "weight":
       if "embedding" in parts[-2]:
@@ -192,17 +245,74 @@ def hf_torch_to_flax(state_dict: Mapping[str, Any]) -> dict:
 def clip_weights_file(path: str) -> str:
   """The file whose sha256 identifies the CLIP weights at `path` (a file or an HF folder)."""
   if os.path.isdir(path):
-    for name in ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin"):
+    for name in WEIGHT_FILES:
       if os.path.isfile(os.path.join(path, name)):
         return os.path.join(path, name)
-    raise UserError(f"{path}: no flax_model.msgpack or model.safetensors in this folder")
+    raise UserError(f"{path}: folder holds no CLIP weights (none of {', '.join(WEIGHT_FILES)}); "
+                    f"{EXPECTED_WEIGHTS}")
   if not os.path.isfile(path):
-    raise UserError(f"CLIP weights not found: {path}")
+    raise UserError(f"{path}: CLIP weights not found; {EXPECTED_WEIGHTS}")
+  if not path.lower().endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
+    raise UserError(f"{path}: unsupported CLIP weights file type; {EXPECTED_WEIGHTS}")
   return path
 
 
 def _torch_load(path: str) -> dict:
   return fileio.read_torch_state_dict(path, skip_non_tensors=True)
+
+
+def _load_safetensors(path: str) -> dict:
+  try:
+    return load_file(path)
+  except SafetensorError as e:  # a damaged / foreign file ("header too large", ...)
+    raise _unreadable(path, ".safetensors", e) from e
+  except TypeError as e:  # a dtype numpy lacks, e.g. "data type 'bfloat16' not understood"
+    raise UserError(f"{path}: holds tensors numpy cannot read ({' '.join(str(e).split())}); "
+                    f"expected float32 / float16 weights (convert bfloat16 to float32)") from e
+  except OSError as e:
+    raise _unreadable(path, ".safetensors", e) from e
+
+
+def _load_npz(path: str) -> dict:
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if head not in (b"PK\x03\x04", b"PK\x05\x06"):
+    what = "is empty (0 bytes)" if not head else "is not a .npz archive (not a zip file)"
+    raise UserError(f"{path}: {what}; {EXPECTED_WEIGHTS}")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except _NPZ_ERRORS as e:
+    raise _unreadable(path, ".npz", e) from e
+
+
+def _load_msgpack(path: str) -> Mapping:
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    tree = serialization.msgpack_restore(raw)
+  except (ValueError, TypeError, msgpack.UnpackException) as e:  # UnicodeDecodeError, ExtraData, ...
+    raise _unreadable(path, "Flax msgpack", e) from e
+  if not isinstance(tree, Mapping):
+    raise UserError(f"{path}: holds a {type(tree).__name__}, not a parameter tree; "
+                    f"{EXPECTED_WEIGHTS}")
+  tree = tree.get("params", tree)
+  if not isinstance(tree, Mapping):
+    raise UserError(f"{path}: 'params' is a {type(tree).__name__}, not a parameter tree; "
+                    f"{EXPECTED_WEIGHTS}")
+  return tree
+
+
+def _hf_config(path: str):
+  from transformers import CLIPTextConfig  # heavy (seconds): only for HF folders
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  try:
+    return CLIPTextConfig.from_pretrained(path, local_files_only=True)
+  except (OSError, ValueError, TypeError) as e:  # not JSON, JSON of another shape
+    msg = " ".join(str(e).split())[:160]
+    raise UserError(f"{os.path.join(path, 'config.json')}: not a readable CLIP config "
+                    f"({type(e).__name__}: {msg}); expected the config.json of a Hugging Face "
+                    f"CLIP (text) model") from e
 
 
 def load_clip_text_weights(path: str, *, num_heads: int | None = None):
@@ -216,36 +326,29 @@ def load_clip_text_weights(path: str, *, num_heads: int | None = None):
   if os.path.isdir(path):
     config_path = os.path.join(path, "config.json")
     if os.path.isfile(config_path):
-      from transformers import CLIPTextConfig  # heavy (seconds): only for HF folders
-      os.environ.setdefault("HF_HUB_OFFLINE", "1")
-      config = CLIPTextConfig.from_pretrained(path, local_files_only=True)
+      config = _hf_config(path)
     else:
       config = clip_text_config()
     if wfile.endswith(".msgpack"):
-      with open(wfile, "rb") as f:
-        tree = serialization.msgpack_restore(f.read())
-      tree = tree.get("params", tree)
+      tree = _load_msgpack(wfile)
       params = {k: tree[k] for k in ("text_model", "text_projection") if k in tree}
     elif wfile.endswith(".safetensors"):
-      sd = load_file(wfile)
+      sd = _load_safetensors(wfile)
       if any(k.endswith((".kernel", ".scale", ".embedding")) for k in sd):  # saved by Flax
         tree = _unflat({tuple(k.split(".")): v for k, v in sd.items()})
         params = {k: tree[k] for k in ("text_model", "text_projection") if k in tree}
       else:
-        params = hf_torch_to_flax(sd)
+        params = hf_torch_to_flax(sd, wfile)
     else:
-      params = hf_torch_to_flax(_torch_load(wfile))
+      params = hf_torch_to_flax(_torch_load(wfile), wfile)
     return _check_params(params, config, path), config, digest
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      sd = {k: z[k] for k in z.files}
-  elif path.endswith(".safetensors"):
-    sd = load_file(path)
-  elif path.endswith((".pth", ".pt", ".bin")):
+  lower = path.lower()
+  if lower.endswith(".npz"):
+    sd = _load_npz(path)
+  elif lower.endswith(".safetensors"):
+    sd = _load_safetensors(path)
+  else:  # .pth / .pt / .bin (clip_weights_file refused the other types)
     sd = _torch_load(path)
-  else:
-    raise UserError(f"{path}: unsupported CLIP weights file; expected a Hugging Face folder, "
-                    ".npz, .safetensors, .pth or .pt")
   params, config = openai_to_flax(sd, num_heads=num_heads, source=path)
   return params, config, digest
 

@@ -28,8 +28,12 @@ import hashlib
 import io
 import json
 import os
+import struct
 import sys
+import tokenize
 import warnings
+import zipfile
+import zlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -118,18 +122,27 @@ def class_texts(spec_or_name: Any, override_file: str | None = None) -> list[str
   return texts
 
 
+_OVERRIDE_EXPECTED = "expected a JSON / YAML list of class texts (or a mapping of such lists)"
+
+
 def _read_override(path: str, names: Sequence[str]) -> list[str]:
   if not os.path.isfile(path):
-    raise UserError(f"class-texts file not found: {path}")
-  with open(path, encoding="utf-8") as f:
-    raw = f.read()
+    raise UserError(f"class-texts file not found: {path}; {_OVERRIDE_EXPECTED}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                    f"{_OVERRIDE_EXPECTED}") from None
   try:
     if path.lower().endswith((".yaml", ".yml")):
       data = yaml.safe_load(raw)
     else:
       data = json.loads(raw)
-  except Exception as e:  # json.JSONDecodeError / yaml.YAMLError
-    raise UserError(f"{path}: cannot parse ({type(e).__name__}: {e})") from None
+  except (ValueError, yaml.YAMLError) as e:  # json.JSONDecodeError is a ValueError
+    msg = " ".join(str(e).split())[:160]
+    raise UserError(f"{path}: cannot parse ({type(e).__name__}: {msg}); "
+                    f"{_OVERRIDE_EXPECTED}") from None
   if isinstance(data, Mapping):
     found = [n for n in names if n in data] + [k for k in data if str(k).lower() in
                                                {n.lower() for n in names}]
@@ -176,14 +189,28 @@ def cache_key(encoder: str, weights_id: str | None, texts: Sequence[str]) -> str
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+# What numpy raises on a damaged .npz (a cache file is then a miss and is written again).
+_NPZ_ERRORS = (OSError, EOFError, KeyError, ValueError, SyntaxError, tokenize.TokenError,
+               zlib.error, zipfile.BadZipFile, struct.error, NotImplementedError)
+
+
 def _read_cache(path: str, texts: Sequence[str]) -> np.ndarray | None:
+  if not os.path.isfile(path):
+    return None
   try:
     with np.load(path, allow_pickle=False) as z:
       if list(z["texts"]) != list(texts):
         return None
-      return np.asarray(z["features"], np.float32)
-  except (OSError, KeyError, ValueError):
+      feats = np.asarray(z["features"], np.float32)
+  except _NPZ_ERRORS as e:
+    print(f"text features: cache file {path} is unreadable ({type(e).__name__}), computing the "
+          "features again", file=sys.stderr)
     return None
+  if feats.ndim != 2 or feats.shape[0] != len(texts) or not np.isfinite(feats).all():
+    print(f"text features: cache file {path} holds features of shape {feats.shape} (or NaN/Inf) "
+          f"for {len(texts)} texts, computing them again", file=sys.stderr)
+    return None
+  return feats
 
 
 def _write_cache(path: str, feats: TextFeatures, texts: Sequence[str], key: str) -> None:
