@@ -108,6 +108,24 @@ def _copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def stage_optim_config(cfg, stage: str, steps_per_epoch: int) -> steps.OptimConfig:
+  """The optimiser settings of `stage` ("pretrain" | "distill") in run `cfg` (config.RunConfig);
+  `--protocol reference` runs the authors' LR schedule with its off-by-one."""
+  return steps.stage_optim_config(
+      stage, lr=cfg.lr, batch_size=cfg.batch_size, steps_per_epoch=steps_per_epoch,
+      epochs=cfg.epochs_pretrain if stage == "pretrain" else cfg.epochs_distill,
+      warmup_epochs=cfg.warmup_epochs,
+      betas=cfg.betas_pretrain if stage == "pretrain" else cfg.betas_distill, eps=cfg.eps,
+      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+      authors_off_by_one=cfg.protocol == "reference")
+
+
+def student_bn_stats(cfg) -> str:
+  """Which samples enter the student's embedding BatchNorm statistics (DPMamba's bn_stats):
+  the authors' "all" under `--protocol reference`, else "present"."""
+  return "all" if cfg.protocol == "reference" else "present"
+
+
 def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
                 teacher=None) -> tuple[Any, float]:
   """Trains `model` for one stage with resume. Returns (trained model, stage wall time in s).
@@ -118,12 +136,7 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
   cfg, spec = rd.cfg, rd.spec
   epochs = cfg.epochs_pretrain if stage == "pretrain" else cfg.epochs_distill
   sampler = BalancedSampler(rd.train_labels, spec.num_classes, cfg.batch_size, cfg.seed)
-  oc = steps.stage_optim_config(
-      stage, lr=cfg.lr, batch_size=cfg.batch_size, steps_per_epoch=sampler.steps, epochs=epochs,
-      warmup_epochs=cfg.warmup_epochs,
-      betas=cfg.betas_pretrain if stage == "pretrain" else cfg.betas_distill, eps=cfg.eps,
-      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-      authors_off_by_one=cfg.protocol == "reference")
+  oc = stage_optim_config(cfg, stage, sampler.steps)
   tx, sched = steps.make_optimizer(oc)
   rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1 if stage == "pretrain" else 2)
   graphdef, state = steps.init_train_state(model, tx, rng)
@@ -177,7 +190,7 @@ def train_stage(stage: str, rd: RunData, model, workdir: str, log: RunLog, *,
         f"computed once ({time.time() - t0:.1f} s)")
     step_fn = steps.make_student_step(graphdef, tx, sched, num_modalities=spec.num_modalities,
                                       batch_size=sampler.batch_size, distill=cfg.distill,
-                                      bn_stats="all" if cfg.protocol == "reference" else "present",
+                                      bn_stats=student_bn_stats(cfg),
                                       **common)
     run = lambda st, rows: step_fn(st, teacher_feats, cubes, z, to_device(rows.astype(np.int32)),
                                    to_device(train_idx[rows]), to_device(rd.train_labels[rows]))

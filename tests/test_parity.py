@@ -384,13 +384,15 @@ def test_teacher_train_step(train_golden):
 
 
 def _student_setup(tg, run):
-  teacher, _ = tg.model("teacher")
-  student, _ = tg.model("student")
-  with jax.default_matmul_precision("highest"):
-    v_t = jax.jit(lambda s, xs: nnx.merge(nnx.graphdef(teacher), s)(xs))(nnx.state(teacher),
-                                                                           tg.xs)
-  _check(f"{run}/V_teacher", v_t, tg.d[f"{run}/V_teacher"], dict(atol=1e-5, rtol=0.0))
-  return student, v_t
+  """The imported student and the frozen teacher's eval features V_t of the batch (computed once
+  per file), checked against the run's V_teacher."""
+  if not hasattr(tg, "v_teacher"):
+    teacher, _ = tg.model("teacher")
+    with jax.default_matmul_precision("highest"):
+      tg.v_teacher = jax.jit(lambda s, xs: nnx.merge(nnx.graphdef(teacher), s)(xs))(
+          nnx.state(teacher), tg.xs)
+  _check(f"{run}/V_teacher", tg.v_teacher, tg.d[f"{run}/V_teacher"], dict(atol=1e-5, rtol=0.0))
+  return tg.model("student")[0], tg.v_teacher
 
 
 @pytest.mark.parametrize("run,bn_stats", [("student_train_complete", "present"),
