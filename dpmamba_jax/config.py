@@ -316,6 +316,21 @@ def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
                                out_dim=int(out_dim), prompts=prompts, **kw)
 
 
+def read_saved_config(path: str, recovery: str) -> dict:
+  """A workdir's config.json as a dict; a damaged file is a one-line UserError ending in
+  `recovery` (what the caller's user can do about it)."""
+  def damaged(why):
+    return errors.UserError(f"{path}: damaged ({why}); {recovery}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise damaged(f"not valid JSON: {' '.join(str(e).split())}") from None
+  if not isinstance(saved, dict):
+    raise damaged(f"a JSON {type(saved).__name__}, expected an object")
+  return saved
+
+
 def describe(cfg: RunConfig) -> str:
   """The resolved config, one `key: value` per line."""
   width = max(len(k) for k in field_names())

@@ -16,7 +16,6 @@ SCENARIO is "complete" or "without:" + "+".join(missing modality names).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -272,15 +271,9 @@ def main(argv=None) -> int:
   if not os.path.isfile(cfg_path):
     raise errors.UserError(f"{cfg_path}: not found; expected a workdir written by "
                            "python -m dpmamba_jax.train")
-  damaged = (f"{cfg_path}: damaged ({{}}); this workdir's settings cannot be read: restore the "
-             "file, or train again in a new --workdir").format
-  try:
-    with open(cfg_path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-    raise errors.UserError(damaged(f"not valid JSON: {' '.join(str(e).split())}")) from None
-  if not isinstance(saved, dict):
-    raise errors.UserError(damaged(f"a JSON {type(saved).__name__}, expected an object"))
+  saved = config_lib.read_saved_config(
+      cfg_path, "this workdir's settings cannot be read: restore the file, or train again in a "
+      "new --workdir")
   overrides = {k: config_lib.coerce(k, v, where=cfg_path) for k, v in saved.items()}
   overrides["workdir"] = workdir
   if args.data_dir is not None:

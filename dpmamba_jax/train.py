@@ -433,15 +433,8 @@ def _check_workdir_config(cfg, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   new = cfg.to_dict()
   if os.path.isfile(path):
-    damaged = (f"{path}: damaged ({{}}); this workdir's settings cannot be checked: use a new "
-               "--workdir or restore the file").format
-    try:
-      with open(path, encoding="utf-8") as f:
-        old = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-      raise errors.UserError(damaged(f"not valid JSON: {' '.join(str(e).split())}")) from None
-    if not isinstance(old, dict):
-      raise errors.UserError(damaged(f"a JSON {type(old).__name__}, expected an object"))
+    old = config_lib.read_saved_config(
+        path, "this workdir's settings cannot be checked: use a new --workdir or restore the file")
     defaults = config_lib.RunConfig().to_dict()  # keys added later read as their defaults
     diff = sorted(k for k in set(old) | set(new)
                   if k not in _FREE_KEYS and old.get(k, defaults.get(k)) != new.get(k))
