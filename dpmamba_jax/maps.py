@@ -2,7 +2,7 @@
 
 On disk, maps hold 1-based class ids with 0 = unlabelled (the .mat key is `data`, as the
 authors' predMap files). The predictions come from `predict.Predictor` (streamed in batches, so
-the H*W patches are never all in memory); this module draws and saves them.
+the H*W patches are never all in memory); this module saves them, drawn by figures.py.
 """
 from __future__ import annotations
 
@@ -10,61 +10,19 @@ import io
 import os
 from typing import Sequence
 
-import matplotlib
 import numpy as np
 import scipy.io
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
+from dpmamba_jax import figures
 from dpmamba_jax import fileio
 from dpmamba_jax import masks as masks_lib
+from dpmamba_jax.figures import save_comparison, save_png
 from dpmamba_jax.predict import Predictor
 
-UNLABELLED_RGB = (0, 0, 0)
-
-
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-  """Distinct colours from matplotlib's tab20 (then hsv) when a dataset has no palette."""
-  if num_classes <= 20:
-    cols = [matplotlib.colormaps["tab20"](i) for i in range(num_classes)]
-  else:
-    cols = [matplotlib.colormaps["hsv"](i / num_classes) for i in range(num_classes)]
-  return [tuple(int(round(255 * x)) for x in c[:3]) for c in cols]
-
-
-def colorize(label_map: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-  """(H, W) 1-based map (0 = unlabelled) -> (H, W, 3) uint8 RGB; unlabelled is black."""
-  lut = np.asarray([UNLABELLED_RGB] + [tuple(c) for c in palette], np.uint8)  # (C+1, 3)
-  label_map = np.asarray(label_map)
-  if label_map.size and (label_map.min() < 0 or label_map.max() >= len(lut)):
-    raise ValueError(f"label map values outside 0..{len(lut) - 1}")
-  return lut[label_map]
-
-
-def save_png(path: str, label_map: np.ndarray, class_names: Sequence[str],
-             palette: Sequence[Sequence[int]] | None = None, title: str = "") -> None:
-  """PNG of a 1-based map with a legend of class names (matplotlib's Figure, no pyplot)."""
-  palette = list(palette) if palette else default_palette(len(class_names))
-  rgb = colorize(label_map, palette)
-  h, w = label_map.shape
-  # Scale so the longer side is ~8 in, plus room for the legend on the right.
-  scale = 8.0 / max(h, w)
-  fig_w, fig_h = max(w * scale, 2.0) + 2.6, max(h * scale, 2.5) + 0.6
-  fig = Figure(figsize=(fig_w, fig_h), dpi=max(100, int(np.ceil(max(h, w) / 8.0))))
-  ax = fig.add_axes([0.02, 0.02, (fig_w - 2.6) / fig_w - 0.02, 0.9])
-  ax.imshow(rgb, interpolation="nearest")
-  ax.set_axis_off()
-  if title:
-    ax.set_title(title, fontsize=9)
-  handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="black", linewidth=0.3, label=n)
-             for n, c in zip(class_names, palette)]
-  if (label_map == 0).any():
-    handles.append(Patch(facecolor=np.asarray(UNLABELLED_RGB) / 255.0, edgecolor="black",
-                         linewidth=0.3, label="unlabelled"))
-  fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png")
-  fileio.write_bytes(path, buf.getvalue())
+# The drawing lives in figures.py (below predict, for the predict command); kept importable here.
+UNLABELLED_RGB = figures.UNLABELLED_RGB
+colorize = figures.colorize
+default_palette = figures.default_palette
 
 
 def save_npy(path: str, label_map: np.ndarray) -> None:
@@ -93,30 +51,41 @@ def save_map(out_dir: str, stem: str, label_map: np.ndarray, class_names: Sequen
   return paths
 
 
-def to_maps(pred_full: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """0-based (H, W) predictions -> (full 1-based map, labelled-pixels map with 0 elsewhere)."""
+def to_maps(pred_full: np.ndarray, labels: np.ndarray,
+            invalid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """0-based (H, W) predictions -> (full 1-based map, labelled-pixels map with 0 elsewhere);
+  pixels without data (`invalid`, (H, W) bool) are 0 in both, as `predict` writes them."""
   full = np.asarray(pred_full).astype(np.int32) + 1
+  if invalid is not None:
+    full = np.where(invalid, 0, full)
   labelled = np.where(np.asarray(labels) > 0, full, 0)
   return full, labelled
 
 
+def panel_title(scenario: str) -> str:
+  """A scenario name as a figure panel title: "without:HSI+SAR" -> "without HSI+SAR"."""
+  return scenario.replace("without:", "without ", 1)
+
+
 def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "student",
-                   log=print) -> list[str]:
+                   log=print, comparison: str | None = None) -> list[str]:
   """Full-scene and labelled-pixel maps of `model` for complete + every missing scenario.
 
   Files: <out_dir>/<which>_<scenario>_{full,labelled}.{png,npy,mat}, scenario "complete" or
-  e.g. "without-HSI". Returns the written paths.
+  e.g. "without-HSI"; with `comparison`, also that PNG: ground truth | the full maps of every
+  scenario side by side (figures.save_comparison). Returns the written paths.
   """
   spec = rd.spec
   predictor = Predictor.for_run(model, rd, batch)
   palette = tuple(spec.palette) if getattr(spec, "palette", None) else None
   scene = predictor.prepare_scene(rd.cubes)  # once for all scenarios
-  written = []
+  written, panels = [], []
   for name, row in masks_lib.eval_scenarios(spec.modalities):
     pred = predictor.predict_scene(
         scene, rd.z, rd.height, row,
         desc=None if getattr(log, "quiet", False) else f"map {which} {name}")
-    full, labelled = to_maps(pred, rd.labels)
+    full, labelled = to_maps(pred, rd.labels, getattr(rd, "invalid", None))
+    panels.append((panel_title(name), full))
     stem = f"{which}_{masks_lib.scenario_file_stem(name)}"
     written += save_map(out_dir, stem + "_full", full, spec.class_names, palette,
                         f"{spec.name} {which}, {name}: every pixel")
@@ -126,4 +95,9 @@ def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "s
   written += save_map(out_dir, "ground_truth", gt, spec.class_names, palette,
                       f"{spec.name} ground truth")
   log(f"maps: {len(written)} files in {out_dir}")
+  if comparison:
+    save_comparison(comparison, [("ground truth", gt)] + panels, spec.class_names, palette,
+                    f"{spec.name} {which}")
+    written.append(comparison)
+    log(f"maps: side by side in {comparison}")
   return written

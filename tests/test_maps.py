@@ -1,13 +1,16 @@
 """Tests for maps.py: colours, PNG/.npy/.mat files; streamed full-scene prediction (predict.py)."""
 import os
+import types
 
 import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
+import pytest
 import scipy.io
 from flax import nnx
+from PIL import Image
 
-from dpmamba_jax import data, losses, maps, predict
+from dpmamba_jax import data, figures, losses, maps, predict
 from dpmamba_jax.model import DPMamba, ModelConfig
 from dpmamba_jax.predict import Predictor
 
@@ -73,3 +76,118 @@ def test_predict_scene_streams_every_pixel(monkeypatch):
   assert len(set(out.ravel().tolist())) > 1  # not a constant map
   assert set(calls) == {16} and len(calls) == 4  # fixed batch, last one padded
   assert predictor.program._cache_size() == 1
+
+
+PALETTE3 = [(200, 30, 30), (30, 160, 30), (40, 40, 220)]
+
+
+def _png_rgb(path) -> np.ndarray:
+  """(H, W, 3) uint8 pixels of a PNG."""
+  with Image.open(path) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def _count_colour(rgb: np.ndarray, colour) -> int:
+  return int(np.all(rgb == np.asarray(colour, np.uint8), axis=-1).sum())
+
+
+def test_save_comparison_panels_and_legend(tmp_path):
+  rng = np.random.default_rng(0)
+  m = rng.integers(1, 3, size=(40, 60))  # classes 1 and 2 only: class 3's colour is the legend's
+  gt = np.where(rng.random(m.shape) < 0.5, m, 0)
+  sizes = {}
+  for n in (2, 4):
+    path = str(tmp_path / f"cmp{n}.png")
+    panels = [("ground truth", gt)] + [(f"scenario {i}", m) for i in range(n - 1)]
+    figures.save_comparison(path, panels, ["a", "b", "c"], PALETTE3, title="toy student")
+    rgb = _png_rgb(path)
+    sizes[n] = rgb.shape[:2]
+    for colour in PALETTE3:
+      assert _count_colour(rgb, colour) >= 20, (n, colour)
+  assert sizes[4][1] > sizes[2][1] * 1.5 and sizes[4][0] == sizes[2][0]  # one row, wider
+  assert maps.save_comparison is figures.save_comparison
+  assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_comparison_legend_names_unlabelled_only_when_present():
+  m = np.ones((10, 12), np.int32)
+  labels = lambda fig: [t.get_text() for t in fig.legends[0].get_texts()]
+  fig = figures.comparison_figure([("complete", m), ("without HSI", m)], ["a", "b"])
+  assert labels(fig) == ["a", "b"] and len(fig.legends) == 1
+  fig = figures.comparison_figure([("ground truth", m * 0), ("complete", m)], ["a", "b"])
+  assert labels(fig) == ["a", "b", "unlabelled"]
+  assert [ax.get_title() for ax in fig.axes] == ["ground truth", "complete"]
+  with pytest.raises(ValueError, match="one shape"):
+    figures.comparison_figure([("a", m), ("b", m[:5])], ["a", "b"])
+
+
+@pytest.mark.parametrize("shape", [(166, 600), (600, 166)])
+def test_comparison_keeps_every_map_pixel(tmp_path, shape):
+  """Trento-wide and tall scenes: each panel gets >= 1 image pixel per map pixel, and the
+  legend (below the wide row, beside the tall one) stays inside the image."""
+  h, w = shape
+  yy, xx = np.mgrid[:h, :w]
+  m = (xx // 50 + yy // 50) % 3 + 1
+  path = str(tmp_path / "cmp.png")
+  names = ["Apple trees", "Buildings", "Ground"]
+  figures.save_comparison(path, [("ground truth", m), ("complete", m), ("without HSI", m),
+                                 ("without LiDAR", m)], names, PALETTE3)
+  rgb = _png_rgb(path)
+  assert rgb.shape[0] >= h and rgb.shape[1] >= 4 * w
+  fig = figures.comparison_figure([("complete", m)] * 4, names, PALETTE3)
+  fig.canvas.draw()
+  box = fig.legends[0].get_window_extent()
+  assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+  maps_top = min(ax.get_window_extent().y0 for ax in fig.axes)
+  maps_right = max(ax.get_window_extent().x1 for ax in fig.axes)
+  assert box.y1 <= maps_top or box.x0 >= maps_right  # below or beside, not over the maps
+
+
+def _tiny_run(h=7, w=9, p=3):
+  """A tiny student and a run-like object with what maps.write_all_maps reads."""
+  cfg = ModelConfig.tiny(bands=(3, 2), patch_size=p, depth=1, hidden=8, out_dim=8, prompts=True)
+  rng = np.random.default_rng(0)
+  cubes = [jnp.asarray(c) for c in data.pad_cubes(
+      [rng.normal(size=(h, w, b)).astype(np.float32) for b in cfg.bands], p)]
+  spec = types.SimpleNamespace(name="toy", modalities=("HSI", "LiDAR"),
+                               class_names=["a", "b", "c", "d"], palette=None)
+  rd = types.SimpleNamespace(
+      spec=spec, cubes=cubes, labels=rng.integers(0, 5, size=(h, w)).astype(np.int32),
+      z=jnp.asarray(rng.normal(size=(4, cfg.out_dim)).astype(np.float32)),
+      height=h, width=w, patch_size=p, inference_mesh=lambda batch: None)
+  return DPMamba(cfg, rngs=nnx.Rngs(0)), rd
+
+
+def test_write_all_maps_comparison_reuses_full_maps(tmp_path, monkeypatch):
+  model, rd = _tiny_run()
+  calls, drawn = [], []
+  real_predict, real_compare = Predictor.predict_scene, maps.save_comparison
+
+  def counting_predict(self, *a, **k):
+    calls.append(1)
+    return real_predict(self, *a, **k)
+
+  def recording_compare(path, panels, *a, **k):
+    drawn.append(panels)
+    return real_compare(path, panels, *a, **k)
+
+  monkeypatch.setattr(Predictor, "predict_scene", counting_predict)
+  monkeypatch.setattr(maps, "save_comparison", recording_compare)
+  out = str(tmp_path / "maps")
+  cmp_path = str(tmp_path / "comparison_student.png")
+  written = maps.write_all_maps(rd, model, out, batch=16, log=lambda s: None,
+                                comparison=cmp_path)
+  assert written[-1] == cmp_path and os.path.isfile(cmp_path)
+  assert len(calls) == 3  # complete + two scenarios; the figure predicts nothing more
+  (panels,) = drawn
+  assert [t for t, _ in panels] == ["ground truth", "complete", "without HSI", "without LiDAR"]
+  np.testing.assert_array_equal(panels[0][1], rd.labels)
+  for (_, m), stem in zip(panels[1:], ("complete", "without-HSI", "without-LiDAR")):
+    np.testing.assert_array_equal(m, np.load(os.path.join(out, f"student_{stem}_full.npy")))
+  rgb = _png_rgb(cmp_path)
+  for colour in figures.default_palette(4):
+    assert _count_colour(rgb, colour) > 0
+  # without comparison=: no figure
+  written = maps.write_all_maps(rd, model, out, batch=16, which="teacher", log=lambda s: None)
+  assert len(written) == 3 * 2 * 3 + 3
+  assert not [p for p in written if "comparison" in os.path.basename(p)]
