@@ -4,6 +4,8 @@ Layout of a model checkpoint directory (`save_model`):
   state/   the model's whole nnx state (params, BatchNorm statistics), orbax StandardSave
   config/  ModelConfig as JSON, without its run-time fields (network.RUNTIME_FIELDS: scan_impl)
   meta/    free-form JSON (stage, epochs, wall time, text encoder, ...)
+  inputs/  JSON: how to read and transform a new scene (dataset definition, the input transform
+           fitted at training time, the class-text features; run.saved_inputs), for `predict`
 Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint that looks finished.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from typing import Any, Callable
 
@@ -151,17 +154,62 @@ def has_model(path, *, hint: str | None = None) -> bool:
   raise _damaged(p, " and ".join(missing), "missing", hint)
 
 
-def save_model(path, model: nnx.Module, cfg, meta: dict | None = None) -> None:
-  """Writes the model's whole state, its ModelConfig and `meta` to directory `path` (atomic)."""
+def save_model(path, model: nnx.Module, cfg, meta: dict | None = None,
+               inputs: dict | None = None) -> None:
+  """Writes the model's whole state, its ModelConfig, `meta` and `inputs` (run.saved_inputs) to
+  directory `path` (atomic)."""
   path = _abs(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   state = nnx.state(model)
   config = {k: v for k, v in config_to_json(cfg).items() if k not in network.RUNTIME_FIELDS}
+  items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+               meta=ocp.args.JsonSave(json_ready(dict(meta or {}))))
+  if inputs is not None:
+    items["inputs"] = ocp.args.JsonSave(json_ready(inputs))
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(path, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(config),
-        meta=ocp.args.JsonSave(json_ready(dict(meta or {})))), force=True)
+    ckptr.save(path, args=ocp.args.Composite(**items), force=True)
+
+
+def has_inputs(path) -> bool:
+  return os.path.isdir(os.path.join(_abs(path), "inputs"))
+
+
+def load_inputs(path, *, hint: str | None = None) -> dict:
+  """The `inputs` JSON of a model checkpoint. A checkpoint written before models kept their
+  input transform has none: a UserError saying how to add it (`hint`)."""
+  path = _abs(path)
+  if not is_model_checkpoint(path):
+    raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
+                           "written by dpmamba_jax.checkpoint.save_model)")
+  if not has_inputs(path):
+    raise errors.UserError(f"{path}: this checkpoint does not record its input transform (it "
+                           f"was saved by an older version){'; ' + hint if hint else ''}")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    try:
+      got = ckptr.restore(path, args=ocp.args.Composite(inputs=ocp.args.JsonRestore()))["inputs"]
+    except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
+      cause = read_error(e)
+      if cause is None:
+        raise
+      raise _damaged(path, "inputs/metadata", describe_read_error(cause), hint) from None
+  if not isinstance(got, dict) or "transform" not in got or "dataset" not in got:
+    raise _damaged(path, "inputs/metadata", "expected the JSON object of run.saved_inputs", hint)
+  return got
+
+
+def add_inputs(path, inputs: dict) -> None:
+  """Rewrites the model checkpoint at `path` with `inputs` (for checkpoints saved before models
+  kept them): the new copy is complete before the old one is removed."""
+  path = _abs(path)
+  model, cfg, meta = load_model(path)
+  tmp, old = path + ".with-inputs", path + ".without-inputs"
+  for p in (tmp, old):
+    if os.path.exists(p):
+      shutil.rmtree(p)
+  save_model(tmp, model, cfg, meta, inputs)
+  os.replace(path, old)
+  os.replace(tmp, path)
+  shutil.rmtree(old)
 
 
 def load_model(path, *, scan_impl: str = "auto",

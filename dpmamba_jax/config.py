@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from dpmamba_jax import errors
+from dpmamba_jax.data import dataset_file as dataset_file_lib
 from dpmamba_jax.data import datasets
 from dpmamba_jax.data import subsets
 from dpmamba_jax.model import network
@@ -37,6 +38,7 @@ class RunConfig:
   Keys left None take the dataset spec's value (see `resolve`).
   """
   dataset: str = "synthetic"
+  dataset_file: Optional[str] = None     # a YAML dataset definition (data/dataset_file.py)
   data_dir: Optional[str] = None
   workdir: Optional[str] = None          # default runs/<dataset>/seed<seed>
   seed: int = 0
@@ -204,7 +206,15 @@ def resolve(overrides: dict) -> tuple[RunConfig, Any]:
         raise errors.UserError(f"config {k}={d[k]!r} contradicts protocol=reference (which "
                                f"sets {k}={v!r}); drop one of them")
       d[k] = v
-  spec = datasets.get_spec(d.get("dataset", "synthetic"))
+  if d.get("dataset_file"):
+    d["dataset_file"] = os.path.abspath(os.path.expanduser(d["dataset_file"]))
+    if d.get("data_dir"):
+      raise errors.UserError(f"data_dir={d['data_dir']!r} with dataset_file="
+                             f"{d['dataset_file']!r}: the dataset file names its files; drop "
+                             "data_dir (or edit the paths in the file)")
+    spec = dataset_file_lib.load_dataset_file(d["dataset_file"])
+  else:
+    spec = datasets.get_spec(d.get("dataset", "synthetic"))
   d["dataset"] = spec.name
   if d.get("modalities"):  # single-modality nets etc.: the spec restricted to these
     mods = subsets.parse_modalities(d["modalities"], spec)
@@ -223,7 +233,7 @@ def resolve(overrides: dict) -> tuple[RunConfig, Any]:
     e = min(d["epochs_pretrain"], d["epochs_distill"])
     d["warmup_epochs"] = (spec.warmup_epochs if e == spec.epochs
                           else int(round(spec.warmup_epochs * e / spec.epochs)))
-  for k in ("data_dir", "split_file", "teacher_ckpt", "clip_weights"):
+  for k in ("data_dir", "split_file", "teacher_ckpt", "clip_weights", "dataset_file"):
     if d.get(k):  # absolute, so that `evaluate` and resumes work from any directory
       d[k] = os.path.abspath(os.path.expanduser(d[k]))
   if d.get("workdir") is None:

@@ -255,6 +255,12 @@ def _parser() -> argparse.ArgumentParser:
                   "modality scenario; rewrites metrics.json and metrics.md (and the maps).")
   p.add_argument("--workdir", required=True, help="a workdir written by dpmamba_jax.train")
   p.add_argument("--data-dir", default=None, help="override the data dir saved in config.json")
+  p.add_argument("--dataset-file", default=None, metavar="YAML",
+                 help="override the dataset file saved in config.json (a moved file)")
+  p.add_argument("--export-inputs", action="store_true",
+                 help="add the input transform and dataset definition to models saved before "
+                      "checkpoints kept them (needed by python -m dpmamba_jax.predict), then "
+                      "evaluate")
   p.add_argument("--batch", type=int, default=None, help="inference batch (default: config)")
   p.add_argument("--maps", action=argparse.BooleanOptionalAction, default=False,
                  help="also write the classification maps (default off here)")
@@ -278,6 +284,8 @@ def main(argv=None) -> int:
   overrides["workdir"] = workdir
   if args.data_dir is not None:
     overrides["data_dir"] = args.data_dir
+  if args.dataset_file is not None:
+    overrides["dataset_file"] = args.dataset_file
   if args.batch is not None:  # validated with the config (eval_batch >= 1)
     overrides["eval_batch"] = args.batch
   if args.no_compile_cache:
@@ -297,6 +305,12 @@ def main(argv=None) -> int:
               and checkpoint.is_model_checkpoint(cfg.teacher_ckpt)):
         continue
       path, hint = cfg.teacher_ckpt, f"check teacher_ckpt in {cfg_path}"
+    if args.export_inputs and path == os.path.join(workdir, key):
+      if checkpoint.has_inputs(path):
+        print(f"{path}: has its input transform already")
+      else:
+        checkpoint.add_inputs(path, run.saved_inputs(rd))
+        print(f"{path}: input transform and dataset definition added")
     models[key] = checkpoint.load_model(path, scan_impl=cfg.scan_impl or "auto", hint=hint)
   if not models:
     raise errors.UserError(f"{workdir}: no teacher/ or student/ model checkpoint to evaluate")
@@ -315,7 +329,8 @@ def main(argv=None) -> int:
   evaluate_run(rd, workdir, teacher, student, epochs=epochs, wall_time_s=walls,
                batch=cfg.eval_batch)
   if args.maps and student is not None:
-    maps.write_all_maps(rd, student, os.path.join(workdir, "maps"), batch=cfg.eval_batch)
+    maps.write_all_maps(rd, student, os.path.join(workdir, "maps"), batch=cfg.eval_batch,
+                        comparison=os.path.join(workdir, "comparison_student.png"))
   return 0
 
 

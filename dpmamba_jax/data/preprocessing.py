@@ -252,19 +252,83 @@ def split_from_maps(path, *, labels: Optional[np.ndarray] = None,
 # Preprocessing
 
 
-def whitened_pca(x: np.ndarray, n_components: int, fit_rows: Optional[np.ndarray] = None
-                 ) -> np.ndarray:
-  """Exact whitened PCA (as sklearn PCA(whiten=True)) of the rows of x.
+@dataclasses.dataclass(frozen=True)
+class BandTransform:
+  """One modality's fitted input transform: optional whitened PCA, then optional z-scores.
 
-  Args:
-    x: (N, D) data.
-    n_components: K <= D.
-    fit_rows: rows used to fit the mean and covariance; None = all rows.
-
-  Returns:
-    (N, K) float32; on the fit rows every component has mean 0 and variance 1 (ddof=1). Component
-    signs are fixed so that each loading vector's largest-magnitude entry is positive.
+  raw (N, D) -> ((raw - pca_mean) as float32 @ pca_proj) -> (x - mean) / std -> (N, K) float32.
   """
+  bands: int                                  # D, the bands in the files
+  pca_mean: Optional[np.ndarray] = None       # (D,) float64
+  pca_proj: Optional[np.ndarray] = None       # (D, K) float32 (components scaled to unit variance)
+  mean: Optional[np.ndarray] = None           # (K,) float64
+  std: Optional[np.ndarray] = None            # (K,) float64, no zeros
+
+  @property
+  def out_bands(self) -> int:
+    return self.bands if self.pca_proj is None else int(self.pca_proj.shape[1])
+
+  def apply(self, x: np.ndarray) -> np.ndarray:
+    """(N, D) raw pixels -> (N, K) float32 model inputs (each row on its own: tiles of a scene
+    transform exactly like the whole scene)."""
+    if self.pca_proj is not None:
+      x = _apply_pca(x, self.pca_mean, self.pca_proj)
+    if self.mean is not None:
+      x = ((x - self.mean) / self.std).astype(np.float32)
+    return np.asarray(x, np.float32)
+
+  def to_json(self) -> dict:
+    """Exact: JSON floats round-trip float64 (and so float32) values."""
+    out = {"bands": int(self.bands)}
+    for k in ("pca_mean", "pca_proj", "mean", "std"):
+      v = getattr(self, k)
+      if v is not None:
+        out[k] = np.asarray(v, np.float64).tolist()
+    return out
+
+  @classmethod
+  def from_json(cls, d: dict) -> "BandTransform":
+    def arr(k, dtype):
+      return None if d.get(k) is None else np.asarray(d[k], np.float64).astype(dtype)
+    return cls(bands=int(d["bands"]), pca_mean=arr("pca_mean", np.float64),
+               pca_proj=arr("pca_proj", np.float32), mean=arr("mean", np.float64),
+               std=arr("std", np.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class InputTransform:
+  """The model's input transform, one BandTransform per modality, fitted on the training scene
+  (`fit_transform`) and saved with the models, so that a new scene is transformed like it."""
+  modalities: tuple[str, ...]
+  parts: tuple[BandTransform, ...]
+
+  def apply(self, cubes: Sequence[np.ndarray],
+            nodata: Optional[Sequence[Optional[np.ndarray]]] = None) -> list[np.ndarray]:
+    """Raw (h, w, D_m) cubes -> (h, w, K_m) float32 model inputs; pixels where `nodata[m]`
+    ((h, w) bool) is set become 0 (the training pixels' mean when standardised)."""
+    out = []
+    for m, (cube, part) in enumerate(zip(cubes, self.parts)):
+      if cube is None:
+        out.append(None)
+        continue
+      h, w = cube.shape[:2]
+      x = part.apply(cube.reshape(h * w, -1)).reshape(h, w, -1)
+      if nodata is not None and nodata[m] is not None:
+        x[nodata[m]] = 0.0
+      out.append(x)
+    return out
+
+  def to_json(self) -> dict:
+    return {"modalities": list(self.modalities), "parts": [p.to_json() for p in self.parts]}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "InputTransform":
+    return cls(tuple(d["modalities"]), tuple(BandTransform.from_json(p) for p in d["parts"]))
+
+
+def _fit_pca(x: np.ndarray, n_components: int, fit_rows: Optional[np.ndarray]
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(mean (D,) float64, projection (D, K) float32) of the whitened PCA of x's rows."""
   fit = x if fit_rows is None else x[fit_rows]
   n, d = fit.shape
   if n_components > d:
@@ -284,47 +348,85 @@ def whitened_pca(x: np.ndarray, n_components: int, fit_rows: Optional[np.ndarray
   sign = np.sign(evecs[np.abs(evecs).argmax(axis=0), np.arange(n_components)])
   evecs = evecs * np.where(sign == 0, 1.0, sign)
   scale = 1.0 / np.sqrt(np.maximum(evals, evals[0] * 1e-12 + 1e-30))
-  proj = (evecs * scale).astype(np.float32)  # (D, K)
-  out = np.empty((x.shape[0], n_components), np.float32)
+  return mean, (evecs * scale).astype(np.float32)  # (D,), (D, K)
+
+
+def _apply_pca(x: np.ndarray, mean: np.ndarray, proj: np.ndarray) -> np.ndarray:
+  out = np.empty((x.shape[0], proj.shape[1]), np.float32)
   for s in range(0, x.shape[0], 65536):
     out[s:s + 65536] = (x[s:s + 65536].astype(np.float64) - mean).astype(np.float32) @ proj
   return out
 
 
-def standardize(x: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
-  """(N, D) -> per-column z-scores with mean / std of x[fit_rows] (std 0 -> 1), float32."""
+def whitened_pca(x: np.ndarray, n_components: int, fit_rows: Optional[np.ndarray] = None
+                 ) -> np.ndarray:
+  """Exact whitened PCA (as sklearn PCA(whiten=True)) of the rows of x.
+
+  Args:
+    x: (N, D) data.
+    n_components: K <= D.
+    fit_rows: rows used to fit the mean and covariance; None = all rows.
+
+  Returns:
+    (N, K) float32; on the fit rows every component has mean 0 and variance 1 (ddof=1). Component
+    signs are fixed so that each loading vector's largest-magnitude entry is positive.
+  """
+  return _apply_pca(x, *_fit_pca(x, n_components, fit_rows))
+
+
+def _fit_standardize(x: np.ndarray, fit_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   fit = x[fit_rows].astype(np.float64)
   mean, std = fit.mean(axis=0), fit.std(axis=0)
-  std = np.where(std > 0, std, 1.0)
+  return mean, np.where(std > 0, std, 1.0)
+
+
+def standardize(x: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:
+  """(N, D) -> per-column z-scores with mean / std of x[fit_rows] (std 0 -> 1), float32."""
+  mean, std = _fit_standardize(x, fit_rows)
   return ((x - mean) / std).astype(np.float32)
 
 
-def preprocess(scene: Scene, split: Split, *, normalize: str = "standard",
-               pca_fit: str = "all") -> list[np.ndarray]:
-  """Model inputs per modality: whitened PCA where the spec sets it, then per-band standardisation.
+def fit_transform(scene: Scene, split: Split, *, normalize: str = "standard",
+                  pca_fit: str = "all") -> InputTransform:
+  """Fits the model's input transform on a scene: whitened PCA where the spec sets it, then
+  per-band standardisation.
 
   Args:
-    scene: the loaded scene.
+    scene: the loaded scene (pixels where a modality has no data are left out of every fit).
     split: its split; standardisation (and PCA when pca_fit="train") is fitted on split.train_idx.
     normalize: "standard" = z-score every band with the training pixels' mean / std (default, a
       deviation from the authors); "none" = raw values as the authors use them.
-    pca_fit: "all" = fit PCA on every pixel of the scene (the authors' transductive choice);
-      "train" = fit on the training pixels only.
-
-  Returns:
-    list of (H, W, spec.model_bands[m]) float32 arrays.
+    pca_fit: "all" = fit PCA on every (valid) pixel of the scene (the authors' transductive
+      choice); "train" = fit on the training pixels only.
   """
   if normalize not in ("standard", "none"):
     raise UserError(f"normalize={normalize!r}; expected 'standard' or 'none'")
   if pca_fit not in ("all", "train"):
     raise UserError(f"pca_fit={pca_fit!r}; expected 'all' or 'train'")
   h, w = scene.shape
-  out = []
+  invalid = scene.invalid()
+  all_rows = None if invalid is None else np.flatnonzero(~invalid.ravel())
+  parts = []
   for cube, n_pca in zip(scene.cubes, scene.spec.pca):
-    x = cube.reshape(h * w, -1)  # (H*W, C)
+    x = cube.reshape(h * w, -1)  # (H*W, D)
+    part = BandTransform(bands=x.shape[1])
     if n_pca is not None:
-      x = whitened_pca(x, n_pca, None if pca_fit == "all" else split.train_idx)
+      mean, proj = _fit_pca(x, n_pca, all_rows if pca_fit == "all" else split.train_idx)
+      part = dataclasses.replace(part, pca_mean=mean, pca_proj=proj)
     if normalize == "standard":
-      x = standardize(x, split.train_idx)
-    out.append(np.asarray(x, np.float32).reshape(h, w, -1))
-  return out
+      y = part.apply(x) if n_pca is not None else x  # (H*W, K)
+      mean, std = _fit_standardize(y, split.train_idx)
+      part = dataclasses.replace(part, mean=mean, std=std)
+    parts.append(part)
+  return InputTransform(tuple(scene.spec.modalities), tuple(parts))
+
+
+def preprocess(scene: Scene, split: Split, *, normalize: str = "standard",
+               pca_fit: str = "all") -> list[np.ndarray]:
+  """The model inputs of a scene: `fit_transform(...)` applied to it.
+
+  Returns:
+    list of (H, W, spec.model_bands[m]) float32 arrays (0 at pixels without data).
+  """
+  transform = fit_transform(scene, split, normalize=normalize, pca_fit=pca_fit)
+  return transform.apply(scene.cubes, scene.nodata_masks())

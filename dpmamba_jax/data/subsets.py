@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from dpmamba_jax.data import dataset_file
 from dpmamba_jax.data import datasets
 from dpmamba_jax.errors import UserError
 
@@ -36,15 +37,19 @@ def restrict_spec(spec: Any, modalities: Sequence[str]) -> Any:
   idx = [spec.modalities.index(m) for m in modalities]
   if idx == list(range(spec.num_modalities)):
     return spec
-  pick = lambda t: tuple(t[i] for i in idx)
+  pick = lambda t: tuple(t[i] for i in idx) if t else t
   # spec.synthetic (the generator's config) keeps every modality: the scene is generated whole.
   return dataclasses.replace(spec, modalities=pick(spec.modalities), bands=pick(spec.bands),
-                             pca=pick(spec.pca), file_stems=pick(spec.file_stems))
+                             pca=pick(spec.pca), file_stems=pick(spec.file_stems),
+                             modality_files=pick(spec.modality_files),
+                             modality_keys=pick(spec.modality_keys),
+                             modality_nodata=pick(spec.modality_nodata))
 
 
 def full_spec(spec: Any) -> Any:
   """The registered spec of `spec.name` with every modality (for loading the files)."""
-  full = datasets.get_spec(spec.name)
+  full = (dataset_file.load_dataset_file(spec.definition) if spec.definition
+          else datasets.get_spec(spec.name))
   if spec.synthetic is not None:  # keep a resized synthetic scene
     full = dataclasses.replace(full, synthetic=spec.synthetic)
   return full

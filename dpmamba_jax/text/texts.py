@@ -88,6 +88,9 @@ def class_texts(spec_or_name: Any, override_file: str | None = None) -> list[str
   Returns:
     C strings.
   """
+  if (not isinstance(spec_or_name, str) and getattr(spec_or_name, "class_texts", ())
+      and override_file is None):  # a dataset file's own texts
+    return list(spec_or_name.class_texts)
   table = _package_texts()
   by_lower = {k.lower(): k for k in table}
   spec = None
