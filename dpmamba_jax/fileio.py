@@ -16,8 +16,21 @@ from typing import Any
 from dpmamba_jax.errors import UserError
 
 
+# The process umask, read once (os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def give_ordinary_permissions(path: str | os.PathLike) -> None:
+  """chmod `path` to what open() would have created (0666 less the umask): mkstemp's temp
+  files are 0600, which would leave maps and metrics unreadable to colleagues on a shared
+  machine."""
+  os.chmod(path, 0o666 & ~_UMASK)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
-  """Writes `data` to `path` atomically (parent folders are created)."""
+  """Writes `data` to `path` atomically (parent folders are created); permissions `mode`, or
+  those of an ordinary new file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,7 +39,9 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    if mode is not None:
+    if mode is None:
+      give_ordinary_permissions(tmp)
+    else:
       os.chmod(tmp, mode)
     os.replace(tmp, path)
   except BaseException:

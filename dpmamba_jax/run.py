@@ -78,7 +78,7 @@ def _load_scene(cfg, spec):
   return data_lib.load_scene(spec, cfg.data_dir)
 
 
-def _split(cfg, spec, labels, workdir: str, log):
+def _split(cfg, spec, labels, workdir: str, log, label_source: str = "label map"):
   """The run's split: <workdir>/split.npz if present (resume, evaluate), else drawn/read once."""
   path = os.path.join(workdir, "split.npz")
   if os.path.isfile(path):
@@ -102,7 +102,8 @@ def _split(cfg, spec, labels, workdir: str, log):
   else:
     split = data_lib.make_split(labels, cfg.train_per_class, cfg.seed,
                                 include_train_in_test=cfg.include_train_in_test,
-                                num_classes=spec.num_classes, class_names=spec.class_names)
+                                num_classes=spec.num_classes, class_names=spec.class_names,
+                                label_source=label_source)
   data_lib.save_split(path, split)
   return split
 
@@ -123,7 +124,7 @@ def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print) -
   """Loads the scene, the split, the preprocessed padded cubes (on device) and the text features."""
   scene = _load_scene(cfg, spec)
   labels = np.asarray(scene.labels, np.int32)
-  split = _split(cfg, spec, labels, workdir, log)
+  split = _split(cfg, spec, labels, workdir, log, scene.label_source)
   transform = data_lib.fit_transform(scene, split, normalize=cfg.normalize, pca_fit=cfg.pca_fit)
   cubes = transform.apply(scene.cubes, scene.nodata_masks())
   padded = data_lib.pad_cubes(cubes, cfg.patch_size)

@@ -431,11 +431,18 @@ def _why_no_folder(path: str, e: OSError) -> str:
   return f"cannot create{where or ' it'} ({e.strerror or e})"
 
 
+# What a rerun resumes from: once one of these exists, config.json binds the workdir's settings.
+_RUN_OUTPUTS = ("split.npz", "teacher", "student", "ckpt", "metrics.json")
+
+
 def _check_workdir_config(cfg, workdir: str) -> None:
-  """Writes config.json, or checks that a rerun uses the same settings (resume)."""
+  """Writes config.json, or checks that a rerun uses the same settings (resume). A workdir
+  whose run stopped before drawing its split (a bad setting, say) holds nothing to resume:
+  its config.json is replaced."""
   path = os.path.join(workdir, "config.json")
   new = cfg.to_dict()
-  if os.path.isfile(path):
+  started = any(os.path.exists(os.path.join(workdir, n)) for n in _RUN_OUTPUTS)
+  if started and os.path.isfile(path):
     old = config_lib.read_saved_config(
         path, "this workdir's settings cannot be checked: use a new --workdir or restore the file")
     defaults = config_lib.RunConfig().to_dict()  # keys added later read as their defaults

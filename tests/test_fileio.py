@@ -2,10 +2,13 @@
 import importlib.util
 import json
 import os
+import stat
 
+import numpy as np
 import pytest
 
 from dpmamba_jax import fileio
+from dpmamba_jax.data import rasters
 from dpmamba_jax.errors import UserError
 
 
@@ -24,6 +27,22 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     fileio.write_bytes(path, "not bytes")  # fails mid-write
   assert path.read_text() == "old"
   assert os.listdir(tmp_path) == ["x.txt"]
+
+
+def test_outputs_get_the_permissions_of_an_ordinary_new_file(tmp_path):
+  """Atomic writes go through 0600 temp files; the results must not stay 0600."""
+  (tmp_path / "plain").write_bytes(b"")
+  expected = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+  assert expected & stat.S_IRGRP or expected == 0o600  # a umask of 077 would keep 0600
+  fileio.write_json(tmp_path / "m.json", {"a": 1})
+  arr = np.zeros((3, 4), np.uint8)
+  g = rasters.GeoRef(crs_wkt=None, transform=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0), shape=(3, 4))
+  rasters.write_geotiff(tmp_path / "m.tif", arr, g)
+  rasters.write_envi(tmp_path / "m.hdr", arr, g)
+  for name in ("m.json", "m.tif", "m.hdr", "m.img"):
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name
+  fileio.write_bytes(tmp_path / "x", b"", mode=0o640)
+  assert stat.S_IMODE(os.stat(tmp_path / "x").st_mode) == 0o640
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")

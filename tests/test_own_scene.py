@@ -131,6 +131,15 @@ def test_label_values_beyond_the_classes(scene_yaml):
     io.load_scene(dataset_file.load_dataset_file(path))
 
 
+def test_too_few_labelled_pixels_names_the_label_file(capsys, tmp_path, scene_yaml):
+  path = _yaml(scene_yaml.parent, train={"patch_size": 3, "batch_size": 24,
+                                         "train_per_class": 1000})
+  rc, _, err = run_cli(capsys, data_cli.main, ["--dataset-file", path])
+  assert rc == 2 and err.count("\n") == 1, err
+  assert f"{scene_yaml.parent / 'gt.tif'}: class 1 (Grass) has " in err, err
+  assert "fewer than the 1000 training pixels per class" in err, err
+
+
 def test_stacked_single_band_files(tmp_path, scene_yaml):
   """files: [...] stacks single-band rasters into one modality, in order."""
   hsi = rasters.open_raster(scene_yaml.parent / "hsi.tif").read()           # (H, W, 8)
@@ -194,6 +203,8 @@ def test_nodata_pixels_are_unlabelled_and_left_out_of_the_statistics(tmp_path, s
   other.write_text(yaml.safe_dump(doc))
   scene2 = io.load_scene(dataset_file.load_dataset_file(other))
   np.testing.assert_array_equal(scene2.labels, scene.labels)
+  hsi_info = data_cli.inspect_scene(scene2, split, {"kind": "random"})["modalities"][0]
+  assert hsi_info["nodata_pixels"] == 3 * 6 and hsi_info["max"] < 9999
   t1, t2 = fit_transform(scene, split), fit_transform(scene2, split)
   for p1, p2 in zip(t1.parts, t2.parts):
     for k in ("pca_mean", "pca_proj", "mean", "std"):

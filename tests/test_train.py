@@ -279,5 +279,9 @@ def test_a_rerun_may_change_scan_impl_but_not_the_numbers(tmp_path):
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["scan_impl"] == "associative"
   lr, _ = config_lib.resolve({"scan_impl": "associative", "lr": 1e-3, "workdir": str(tmp_path)})
+  train._check_workdir_config(lr, str(tmp_path))  # nothing drawn or trained yet: rewritten
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["lr"] == 1e-3
+  (tmp_path / "split.npz").write_bytes(b"")  # the run has started: its settings bind
   with pytest.raises(errors.UserError, match="this workdir was run with lr="):
-    train._check_workdir_config(lr, str(tmp_path))
+    train._check_workdir_config(other, str(tmp_path))

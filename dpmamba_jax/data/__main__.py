@@ -36,13 +36,17 @@ def inspect_scene(scene: Scene, split: Split, split_desc: dict) -> dict:
   spec = scene.spec
   h, w = scene.shape
   mods = []
-  for i, (name, cube) in enumerate(zip(spec.modalities, scene.cubes)):
+  for i, (name, cube, nodata) in enumerate(zip(spec.modalities, scene.cubes,
+                                                scene.nodata_masks())):
+    values = cube if nodata is None else cube[~nodata]  # nodata pixels are in no statistic
+    stats = ({"min": float(values.min()), "max": float(values.max()),
+              "mean": float(values.mean()), "std": float(values.std())} if values.size
+             else dict.fromkeys(("min", "max", "mean", "std"), float("nan")))
     mods.append({
         "name": name, "source": scene.files[i] if i < len(scene.files) else scene.source,
         "shape": list(cube.shape), "bands": int(cube.shape[-1]),
-        "model_bands": spec.model_bands[i], "pca": spec.pca[i],
-        "min": float(cube.min()), "max": float(cube.max()), "mean": float(cube.mean()),
-        "std": float(cube.std())})
+        "model_bands": spec.model_bands[i], "pca": spec.pca[i], **stats,
+        "nodata_pixels": 0 if nodata is None else int(nodata.sum())})
   counts = scene.class_counts()
   train_lab = np.bincount(labels_at(scene.labels, split.train_idx), minlength=spec.num_classes)
   return {
@@ -67,7 +71,9 @@ def _format_text(info: dict) -> str:
     pca = f" -> PCA {m['pca']}" if m["pca"] else ""
     lines.append(f"  {m['name']:<6} {'x'.join(map(str, m['shape']))}{pca}  "
                  f"min {m['min']:.4g}  max {m['max']:.4g}  mean {m['mean']:.4g}  "
-                 f"std {m['std']:.4g}  [{m['source']}]")
+                 f"std {m['std']:.4g}"
+                 + (f"  ({m['nodata_pixels']} nodata px)" if m["nodata_pixels"] else "")
+                 + f"  [{m['source']}]")
   lines.append(f"classes ({len(info['classes'])}; {info['labelled']} labelled, "
                f"{info['unlabelled']} unlabelled):")
   for c in info["classes"]:
@@ -119,7 +125,7 @@ def main(argv=None) -> int:
     per = spec.train_per_class if args.per_class is None else args.per_class
     split = make_split(scene.labels, per, seed, num_classes=spec.num_classes,
                        include_train_in_test=args.include_train_in_test,
-                       class_names=spec.class_names)
+                       class_names=spec.class_names, label_source=scene.label_source)
     desc = {"kind": f"random {per}/class", "seed": seed, "per_class": per}
   desc["include_train_in_test"] = bool(args.include_train_in_test)
   info = inspect_scene(scene, split, desc)

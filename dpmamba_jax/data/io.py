@@ -379,6 +379,11 @@ class Scene:
   def shape(self) -> tuple[int, int]:
     return tuple(self.labels.shape)
 
+  @property
+  def label_source(self) -> str:
+    """The label map's file, for messages ("label map" when there is none, e.g. synthetic)."""
+    return self.files[len(self.cubes)] if len(self.files) > len(self.cubes) else "label map"
+
   def class_counts(self) -> np.ndarray:
     """(C,) labelled pixels per class."""
     return np.bincount(self.labels.ravel(), minlength=self.spec.num_classes + 1)[1:]

@@ -42,7 +42,8 @@ def _check_int(value, name: str, minimum: int) -> int:
 
 def make_split(labels: np.ndarray, per_class: int, seed: int, *,
                include_train_in_test: bool = False, num_classes: Optional[int] = None,
-               class_names: Optional[Sequence[str]] = None) -> Split:
+               class_names: Optional[Sequence[str]] = None,
+               label_source: str = "label map") -> Split:
   """Draws `per_class` training pixels per class with np.random.default_rng(seed).
 
   Args:
@@ -52,7 +53,7 @@ def make_split(labels: np.ndarray, per_class: int, seed: int, *,
     include_train_in_test: test = every labelled pixel, as the authors do (default: only the
       labelled pixels not used for training).
     num_classes: C; default labels.max().
-    class_names: for error messages.
+    class_names, label_source: for error messages (names of the classes, the label file).
 
   Returns:
     Split; train_idx sorted by (class, raster), test_idx in raster order.
@@ -67,8 +68,9 @@ def make_split(labels: np.ndarray, per_class: int, seed: int, *,
     pos = np.flatnonzero(flat == c)
     if len(pos) < per_class:
       name = f" ({class_names[c - 1]})" if class_names else ""
-      raise UserError(f"label map: class {c}{name} has {len(pos)} labelled pixels, fewer than the "
-                      f"{per_class} training pixels per class (train_per_class)")
+      raise UserError(f"{label_source}: class {c}{name} has {len(pos)} labelled pixels, fewer "
+                      f"than the {per_class} training pixels per class (train_per_class); "
+                      "expected a smaller train_per_class or more labelled pixels")
     train.append(np.sort(rng.choice(pos, per_class, replace=False)))
   train_idx = np.concatenate(train).astype(np.int64) if train else np.zeros(0, np.int64)
   labelled = np.flatnonzero(flat > 0)

@@ -27,6 +27,7 @@ import rasterio.windows
 import spectral
 import spectral.io.envi as envi
 
+from dpmamba_jax import fileio
 from dpmamba_jax.errors import UserError
 
 
@@ -528,6 +529,7 @@ class GeoTiffWriter:
     try:
       with _quiet():
         self._ds.close()
+      fileio.give_ordinary_permissions(self._tmp)
       os.replace(self._tmp, self.path)
     except BaseException as e:
       self._discard()
@@ -625,6 +627,8 @@ def write_envi(path_hdr, array: np.ndarray, georef: Optional[GeoRef] = None, *,
   tmp_img = tmp_hdr[:-4] + ".img"
   try:
     envi.save_image(tmp_hdr, array, interleave="bsq", ext=".img", force=True, metadata=meta)
+    for p in (tmp_hdr, tmp_img):
+      fileio.give_ordinary_permissions(p)
     os.replace(tmp_img, binary)
     os.replace(tmp_hdr, path_hdr)
   except BaseException as e:
