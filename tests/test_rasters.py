@@ -11,7 +11,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 
-from dpmamba_jax.data import rasters
+from dpmamba_jax.data import io, rasters
 from dpmamba_jax.errors import UserError
 
 
@@ -83,6 +83,41 @@ def test_read_rows_geotiff(tmp_path):
     np.testing.assert_array_equal(r.read_rows(start, stop), r.read()[start:stop])
   with pytest.raises(ValueError):
     r.read_rows(3, H + 1)
+
+
+def _write_masked_geotiff(path, cube, mask, how):
+  """cube (H, W, C) uint16; mask (H, W) True = no data, stored as an alpha band or a GDAL mask."""
+  profile = dict(driver="GTiff", height=H, width=W, dtype="uint16", crs=UTM32, transform=TRANSFORM)
+  if how == "alpha":  # GDAL's ALPHA=YES makes band 2 (the first extra sample) the alpha band
+    alpha = np.where(mask, 0, 65535).astype(np.uint16)
+    bands = [cube[..., 0], alpha, *np.moveaxis(cube[..., 1:], -1, 0)]
+    with rasterio.open(path, "w", count=len(bands), alpha="YES", **profile) as dst:
+      dst.write(np.stack(bands))
+  else:
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), \
+         rasterio.open(path, "w", count=cube.shape[-1], **profile) as dst:
+      dst.write(np.moveaxis(cube, -1, 0))
+      dst.write_mask(np.where(mask, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("how", ["alpha", "internal_mask"])
+def test_alpha_band_and_gdal_mask_mark_nodata(tmp_path, how):
+  """GIS tools often mark missing pixels with an alpha band or a mask instead of a nodata value:
+  they are nodata, and an alpha band is not a data band."""
+  cube, mask = _cube(np.uint16, c=3), np.zeros((H, W), bool)
+  mask[1, 2:5] = mask[3, 0] = True
+  path = tmp_path / "m.tif"
+  _write_masked_geotiff(path, cube, mask, how)
+  r = rasters.open_raster(path)
+  assert r.shape == (H, W, 3) and r.has_mask and r.nodata is None
+  np.testing.assert_array_equal(r.read(), cube)
+  np.testing.assert_array_equal(r.read_mask_rows(1, 4), mask[1:4])
+  block, nodata = io.ModalityReader("HSI", [path]).read_rows(0, H)
+  np.testing.assert_array_equal(block, cube)
+  np.testing.assert_array_equal(nodata, mask)
+  rasters.write_geotiff(tmp_path / "plain.tif", np.moveaxis(cube, -1, 0), _georef())
+  plain = rasters.open_raster(tmp_path / "plain.tif")
+  assert not plain.has_mask and plain.read_mask_rows(0, H) is None
 
 
 def test_float16_is_stored_as_float32(tmp_path):

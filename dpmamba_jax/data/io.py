@@ -562,7 +562,7 @@ class ModalityReader:
 
   @property
   def has_nodata(self) -> bool:
-    return any(v is not None for _, v, *_ in self._parts)
+    return any(v is not None or getattr(r, "has_mask", False) for r, v, *_ in self._parts)
 
   def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(block (stop - start, W, C) in the files' dtype, nodata (stop - start, W) bool or None)."""
@@ -571,9 +571,10 @@ class ModalityReader:
       b = r.read_rows(start, stop) if isinstance(r, rasters.RasterFile) else np.asarray(
           r[start:stop])
       b = b if b.ndim == 3 else b[..., None]  # (rows, W) -> (rows, W, 1)
-      m = nodata_mask(b, value)
-      if m is not None:
-        mask = m if mask is None else mask | m
+      for m in (nodata_mask(b, value),
+                r.read_mask_rows(start, stop) if isinstance(r, rasters.RasterFile) else None):
+        if m is not None:
+          mask = m if mask is None else mask | m
       blocks.append(b)
     block = blocks[0] if len(blocks) == 1 else np.concatenate(
         [b.astype(np.result_type(*blocks)) for b in blocks], axis=-1)

@@ -170,8 +170,10 @@ class RasterFile:
   """An opened raster: metadata now, pixels on demand (make one with open_raster).
 
   path; shape (H, W, C); dtype (native byte order); georef (None: no georeference); nodata
-  (GeoTIFF nodata / ENVI 'data ignore value', may be nan; None: none declared).
+  (GeoTIFF nodata / ENVI 'data ignore value', may be nan; None: none declared); has_mask (a
+  GeoTIFF alpha band or GDAL mask marks the pixels without data: read_mask_rows).
   """
+  has_mask = False
 
   def __init__(self, path, shape, dtype, georef, nodata, kind: str):
     self.path = pathlib.Path(path)
@@ -200,16 +202,48 @@ class RasterFile:
       raise _unreadable(self.path, self._kind, e) from e
     return np.ascontiguousarray(block, dtype=self.dtype)
 
+  def read_mask_rows(self, start: int, stop: int) -> Optional[np.ndarray]:
+    """(stop - start, W) bool, True where the file's alpha band / mask says no data; None when
+    the file has neither (its nodata value, if any, is compared by the caller)."""
+    if not self.has_mask:
+      return None
+    if not 0 <= start <= stop <= self.shape[0]:
+      raise ValueError(f"rows {start}:{stop} outside 0:{self.shape[0]}")
+    try:
+      with _quiet():
+        return self._mask_rows(start, stop)
+    except READ_ERRORS as e:
+      raise _unreadable(self.path, self._kind, e) from e
+
   def _rows(self, start: int, stop: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def _mask_rows(self, start: int, stop: int) -> np.ndarray:
     raise NotImplementedError
 
 
 class _GeoTiff(RasterFile):
+  """bands: the 1-based data bands (alpha bands left out); alpha: the alpha band or None;
+  gdal_mask: a per-dataset GDAL mask (.msk or internal) marks the pixels without data."""
+
+  def __init__(self, *args, bands: tuple[int, ...], alpha: Optional[int], gdal_mask: bool):
+    super().__init__(*args)
+    self._bands, self._alpha, self._gdal_mask = bands, alpha, gdal_mask
+    self.has_mask = alpha is not None or gdal_mask
+
+  def _window(self, start, stop):
+    return rasterio.windows.Window(0, start, self.shape[1], stop - start)
 
   def _rows(self, start, stop):
     with rasterio.open(self.path, driver="GTiff") as src:
-      block = src.read(window=rasterio.windows.Window(0, start, self.shape[1], stop - start))
+      block = src.read(list(self._bands), window=self._window(start, stop))
     return np.moveaxis(block, 0, -1)
+
+  def _mask_rows(self, start, stop):
+    with rasterio.open(self.path, driver="GTiff") as src:
+      if self._alpha is not None:
+        return src.read(self._alpha, window=self._window(start, stop)) == 0
+      return src.read_masks(self._bands[0], window=self._window(start, stop)) == 0
 
 
 class _Envi(RasterFile):
@@ -290,12 +324,22 @@ def _open_geotiff(path: pathlib.Path) -> RasterFile:
         raise UserError(f"{path}: bands declare different nodata values {nodatas}; expected one")
       _check_complete(src, path)
       georef = _make_georef(src.crs, src.transform, src.shape)
-      shape = (src.height, src.width, src.count)
+      alpha = rasterio.enums.ColorInterp.alpha
+      alphas = [i + 1 for i, c in enumerate(src.colorinterp) if c == alpha]
+      if len(alphas) > 1 or len(alphas) == src.count:
+        raise UserError(f"{path}: bands {alphas} of {src.count} are alpha bands; expected data "
+                        "bands and at most one alpha band")
+      bands = tuple(i for i in range(1, src.count + 1) if i not in alphas)
+      flags = src.mask_flag_enums[0]
+      gdal_mask = (not alphas and rasterio.enums.MaskFlags.per_dataset in flags
+                   and rasterio.enums.MaskFlags.nodata not in flags)
+      shape = (src.height, src.width, len(bands))
       dtype = src.dtypes[0]
       nodata = None if nodatas[0] is None else float(nodatas[0])
   except READ_ERRORS as e:
     raise _unreadable(path, "GeoTIFF", e) from e
-  return _GeoTiff(path, shape, dtype, georef, nodata, "GeoTIFF")
+  return _GeoTiff(path, shape, dtype, georef, nodata, "GeoTIFF", bands=bands,
+                  alpha=alphas[0] if alphas else None, gdal_mask=gdal_mask)
 
 
 def _check_complete(src, path: pathlib.Path) -> None:
