@@ -228,7 +228,7 @@ class _GeoTiff(RasterFile):
 
   def __init__(self, *args, bands: tuple[int, ...], alpha: Optional[int], gdal_mask: bool):
     super().__init__(*args)
-    self._bands, self._alpha, self._gdal_mask = bands, alpha, gdal_mask
+    self._bands, self._alpha = bands, alpha
     self.has_mask = alpha is not None or gdal_mask
 
   def _window(self, start, stop):
