@@ -78,7 +78,7 @@ def _load_scene(cfg, spec):
   return data_lib.load_scene(spec, cfg.data_dir)
 
 
-def _split(cfg, spec, labels, workdir: str, log, label_source: str = "label map"):
+def _split(cfg, spec, labels, workdir: str, log, label_source: str):
   """The run's split: <workdir>/split.npz if present (resume, evaluate), else drawn/read once."""
   path = os.path.join(workdir, "split.npz")
   if os.path.isfile(path):

@@ -111,13 +111,13 @@ def test_alpha_band_and_gdal_mask_mark_nodata(tmp_path, how):
   r = rasters.open_raster(path)
   assert r.shape == (H, W, 3) and r.has_mask and r.nodata is None
   np.testing.assert_array_equal(r.read(), cube)
-  np.testing.assert_array_equal(r.read_mask_rows(1, 4), mask[1:4])
+  np.testing.assert_array_equal(r.read_rows_and_mask(1, 4)[1], mask[1:4])
   block, nodata = io.ModalityReader("HSI", [path]).read_rows(0, H)
   np.testing.assert_array_equal(block, cube)
   np.testing.assert_array_equal(nodata, mask)
   rasters.write_geotiff(tmp_path / "plain.tif", np.moveaxis(cube, -1, 0), _georef())
   plain = rasters.open_raster(tmp_path / "plain.tif")
-  assert not plain.has_mask and plain.read_mask_rows(0, H) is None
+  assert not plain.has_mask and plain.read_rows_and_mask(0, H)[1] is None
 
 
 def test_float16_is_stored_as_float32(tmp_path):

@@ -1,7 +1,9 @@
 """End-to-end check of the own-scene path, as a user would run it, with wall time and peak RSS.
 
-  python tools/own_scene_check.py trento --data-dir ../shared/data/trento-semireal --out /tmp/own
-  python tools/own_scene_check.py memory --out /tmp/own-mem
+  python tools/own_scene_check.py trento --data-dir ../shared/data/trento-semireal
+  python tools/own_scene_check.py memory
+
+Outputs go to runs/own-scene-check/{trento,memory} in the repository (--out to change it).
 
 trento: writes a GeoTIFF copy of a Trento-layout folder (HSI_data / LiDAR_data / All_Label) with a
 made-up CRS (EPSG:32632, 1 m pixels), a dataset YAML and texts.txt; trains on the YAML
@@ -59,10 +61,17 @@ def _grid(shape, pixel: float):
   return rasters.GeoRef(crs_wkt(), (pixel, 0.0, 664000.0, 0.0, -pixel, 5104000.0), tuple(shape))
 
 
+def _out_dir(args) -> pathlib.Path:
+  """--out as an absolute path (the children run in the repository root)."""
+  if args.out is None:
+    return REPO / "runs" / "own-scene-check" / args.what
+  return pathlib.Path(args.out).resolve()
+
+
 def trento(args) -> int:
   from dpmamba_jax.data import io, rasters
   from dpmamba_jax.text import texts as texts_lib
-  out = pathlib.Path(args.out)
+  out = _out_dir(args)
   scene_dir, run_dir = out / "scene", out / "run"
   scene_dir.mkdir(parents=True, exist_ok=True)
   scene = io.load_scene("trento", args.data_dir)
@@ -116,7 +125,7 @@ def trento(args) -> int:
 
 def memory(args) -> int:
   from dpmamba_jax.data import rasters, synthetic
-  out = pathlib.Path(args.out)
+  out = _out_dir(args)
   cfg = synthetic.SyntheticConfig(height=349, width=1905, num_classes=15, bands=(144, 1), seed=3,
                                   parcel_area=300.0)
   (hsi, lidar), labels = synthetic.generate(cfg)
@@ -161,10 +170,12 @@ def main() -> int:
   sub = p.add_subparsers(dest="what", required=True)
   t = sub.add_parser("trento", help="GeoTIFF Trento: train, predict, compare")
   t.add_argument("--data-dir", required=True, help="a Trento-layout folder")
-  t.add_argument("--out", required=True)
+  t.add_argument("--out", help="a folder for the files and runs "
+                                 "(default: runs/own-scene-check/trento in the repository)")
   t.add_argument("--epochs", type=int, default=2)
   m = sub.add_parser("memory", help="predict's peak RSS on a Houston-sized scene")
-  m.add_argument("--out", required=True)
+  m.add_argument("--out", help="a folder for the files and runs "
+                                 "(default: runs/own-scene-check/memory in the repository)")
   args = p.parse_args()
   return trento(args) if args.what == "trento" else memory(args)
 

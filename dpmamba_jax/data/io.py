@@ -560,19 +560,16 @@ class ModalityReader:
     h, w = self._parts[0][4]
     return (h, w, sum(_bands_of(r) for r, *_ in self._parts))
 
-  @property
-  def has_nodata(self) -> bool:
-    return any(v is not None or getattr(r, "has_mask", False) for r, v, *_ in self._parts)
-
   def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(block (stop - start, W, C) in the files' dtype, nodata (stop - start, W) bool or None)."""
     blocks, mask = [], None
     for r, value, *_ in self._parts:
-      b = r.read_rows(start, stop) if isinstance(r, rasters.RasterFile) else np.asarray(
-          r[start:stop])
+      if isinstance(r, rasters.RasterFile):
+        b, file_mask = r.read_rows_and_mask(start, stop)
+      else:
+        b, file_mask = np.asarray(r[start:stop]), None
       b = b if b.ndim == 3 else b[..., None]  # (rows, W) -> (rows, W, 1)
-      for m in (nodata_mask(b, value),
-                r.read_mask_rows(start, stop) if isinstance(r, rasters.RasterFile) else None):
+      for m in (nodata_mask(b, value), file_mask):
         if m is not None:
           mask = m if mask is None else mask | m
       blocks.append(b)

@@ -171,7 +171,7 @@ class RasterFile:
 
   path; shape (H, W, C); dtype (native byte order); georef (None: no georeference); nodata
   (GeoTIFF nodata / ENVI 'data ignore value', may be nan; None: none declared); has_mask (a
-  GeoTIFF alpha band or GDAL mask marks the pixels without data: read_mask_rows).
+  GeoTIFF alpha band or GDAL mask marks the pixels without data: read_rows_and_mask).
   """
   has_mask = False
 
@@ -193,32 +193,25 @@ class RasterFile:
 
   def read_rows(self, start: int, stop: int) -> np.ndarray:
     """Rows start..stop-1 as (stop - start, W, C) in self.dtype; only those rows are read."""
+    return self._read(start, stop, with_mask=False)[0]
+
+  def read_rows_and_mask(self, start: int, stop: int) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """read_rows, and (stop - start, W) bool, True where the file's alpha band / mask says no
+    data (None when it has neither; a nodata value is for the caller to compare), in one read."""
+    return self._read(start, stop, with_mask=self.has_mask)
+
+  def _read(self, start, stop, with_mask: bool):
     if not 0 <= start <= stop <= self.shape[0]:
       raise ValueError(f"rows {start}:{stop} outside 0:{self.shape[0]}")
     try:
       with _quiet():
-        block = self._rows(start, stop)
+        block, mask = self._rows(start, stop, with_mask)
     except READ_ERRORS as e:
       raise _unreadable(self.path, self._kind, e) from e
-    return np.ascontiguousarray(block, dtype=self.dtype)
+    return np.ascontiguousarray(block, dtype=self.dtype), mask
 
-  def read_mask_rows(self, start: int, stop: int) -> Optional[np.ndarray]:
-    """(stop - start, W) bool, True where the file's alpha band / mask says no data; None when
-    the file has neither (its nodata value, if any, is compared by the caller)."""
-    if not self.has_mask:
-      return None
-    if not 0 <= start <= stop <= self.shape[0]:
-      raise ValueError(f"rows {start}:{stop} outside 0:{self.shape[0]}")
-    try:
-      with _quiet():
-        return self._mask_rows(start, stop)
-    except READ_ERRORS as e:
-      raise _unreadable(self.path, self._kind, e) from e
-
-  def _rows(self, start: int, stop: int) -> np.ndarray:
-    raise NotImplementedError
-
-  def _mask_rows(self, start: int, stop: int) -> np.ndarray:
+  def _rows(self, start: int, stop: int, with_mask: bool):
+    """(block (rows, W, C), mask (rows, W) bool or None)."""
     raise NotImplementedError
 
 
@@ -231,19 +224,16 @@ class _GeoTiff(RasterFile):
     self._bands, self._alpha = bands, alpha
     self.has_mask = alpha is not None or gdal_mask
 
-  def _window(self, start, stop):
-    return rasterio.windows.Window(0, start, self.shape[1], stop - start)
-
-  def _rows(self, start, stop):
+  def _rows(self, start, stop, with_mask):
+    window = rasterio.windows.Window(0, start, self.shape[1], stop - start)
+    mask = None
     with rasterio.open(self.path, driver="GTiff") as src:
-      block = src.read(list(self._bands), window=self._window(start, stop))
-    return np.moveaxis(block, 0, -1)
-
-  def _mask_rows(self, start, stop):
-    with rasterio.open(self.path, driver="GTiff") as src:
-      if self._alpha is not None:
-        return src.read(self._alpha, window=self._window(start, stop)) == 0
-      return src.read_masks(self._bands[0], window=self._window(start, stop)) == 0
+      block = src.read(list(self._bands), window=window)
+      if with_mask and self._alpha is not None:
+        mask = src.read(self._alpha, window=window) == 0
+      elif with_mask:
+        mask = src.read_masks(self._bands[0], window=window) == 0
+    return np.moveaxis(block, 0, -1), mask
 
 
 class _Envi(RasterFile):
@@ -252,11 +242,11 @@ class _Envi(RasterFile):
     super().__init__(*args)
     self.header, self.binary = header, binary
 
-  def _rows(self, start, stop):
+  def _rows(self, start, stop, with_mask):
     img = envi.open(str(self.header), str(self.binary))
     try:
       img.scale_factor = 1  # raw stored values: spectral would divide by 'reflectance scale factor'
-      return img.read_subregion((start, stop), (0, self.shape[1]))
+      return img.read_subregion((start, stop), (0, self.shape[1])), None
     finally:
       img.fid.close()
 
