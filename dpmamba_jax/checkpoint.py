@@ -108,8 +108,8 @@ def _damaged(path: str, part: str, reason: str, hint: str | None) -> DamagedChec
 
 
 def config_to_json(cfg) -> dict:
-  """A frozen dataclass -> JSON-able dict (tuples become lists)."""
-  return json_ready(dataclasses.asdict(cfg))
+  """A frozen dataclass (or a dict) -> JSON-able dict (tuples become lists)."""
+  return json_ready(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))
 
 
 def json_ready(x):
@@ -212,9 +212,44 @@ def add_inputs(path, inputs: dict) -> None:
   shutil.rmtree(old)
 
 
-def load_model(path, *, scan_impl: str = "auto",
-               hint: str | None = None) -> tuple[nnx.Module, Any, dict]:
-  """Restores (DPMamba, ModelConfig, meta) saved by `save_model`.
+def _read_json_part(path, part: str, hint: str | None) -> dict:
+  path = _abs(path)
+  if not is_model_checkpoint(path):
+    raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
+                           "written by dpmamba_jax.checkpoint.save_model)")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    try:
+      got = ckptr.restore(path, args=ocp.args.Composite(**{part: ocp.args.JsonRestore()}))[part]
+    except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
+      cause = read_error(e)
+      if cause is None:
+        raise
+      raise _damaged(path, f"{part}/metadata", describe_read_error(cause), hint) from None
+  if got is None and part == "meta":
+    return {}
+  if not isinstance(got, dict):
+    raise _damaged(path, f"{part}/metadata", f"expected a JSON object, got {type(got).__name__}",
+                   hint)
+  return got
+
+
+def load_meta(path, *, hint: str | None = None) -> dict:
+  """The `meta` JSON of a model checkpoint (stage, epochs, method, ...)."""
+  return _read_json_part(path, "meta", hint)
+
+
+def load_config(path, *, hint: str | None = None) -> dict:
+  """The `config` JSON of a model checkpoint (a DPMamba ModelConfig, or a comparison method's
+  {"shapes": ...})."""
+  return _read_json_part(path, "config", hint)
+
+
+def load_model(path, *, scan_impl: str = "auto", hint: str | None = None,
+               rebuild: Callable[[dict], nnx.Module] | None = None
+               ) -> tuple[nnx.Module, Any, dict]:
+  """Restores (DPMamba, ModelConfig, meta) saved by `save_model`; with `rebuild` (a comparison
+  method's model: saved config dict -> a new model of that structure), (model, config dict,
+  meta).
 
   scan_impl: the run-time scan choice of the restored model (a checkpoint written before these
   fields were left out may still name one; it is ignored). A damaged checkpoint raises
@@ -245,10 +280,14 @@ def load_model(path, *, scan_impl: str = "auto",
                        f"expected a JSON object, got {type(got).__name__}", hint)
     saved = {k: v for k, v in saved.items() if k not in network.RUNTIME_FIELDS}
     try:
-      cfg = config_from_json(network.ModelConfig, dict(saved, scan_impl=scan_impl))
-    except (TypeError, errors.UserError) as e:  # missing keys / values ModelConfig refuses
+      if rebuild is None:
+        cfg = config_from_json(network.ModelConfig, dict(saved, scan_impl=scan_impl))
+        abstract = nnx.eval_shape(lambda: network.DPMamba(cfg, rngs=nnx.Rngs(0)))
+      else:
+        cfg = saved
+        abstract = nnx.eval_shape(lambda: rebuild(cfg))
+    except (TypeError, ValueError, KeyError, errors.UserError) as e:  # keys / values refused
       raise _damaged(path, "config/metadata", " ".join(str(e).split()), hint) from None
-    abstract = nnx.eval_shape(lambda: network.DPMamba(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     state = restore("state", ocp.args.StandardRestore(target))

@@ -9,7 +9,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
@@ -29,6 +29,9 @@ PROTOCOLS = ("honest", "reference")
 REFERENCE_KEYS = {"normalize": "none", "include_train_in_test": True}
 NORMALIZE = ("none", "standard")
 MODEL_PRESETS = ("paper", "tiny")
+# The training methods (methods.py registers one Method per name; tests/test_methods.py checks
+# that the two lists agree): DPMamba and the comparison methods of the paper's Table 1.
+METHODS = ("dpmamba", "shaspec", "dgdnet", "mshnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +40,15 @@ class RunConfig:
 
   Keys left None take the dataset spec's value (see `resolve`).
   """
+  method: str = "dpmamba"                # METHODS; a comparison method's own settings come
+                                         # first (methods.py, configs/peers/)
   dataset: str = "synthetic"
   dataset_file: Optional[str] = None     # a YAML dataset definition (data/dataset_file.py)
   data_dir: Optional[str] = None
   workdir: Optional[str] = None          # default runs/<dataset>/seed<seed>
   seed: int = 0
-  stage: str = "all"                     # all | pretrain | distill
+  stage: str = "all"                     # all | a stage of the method (dpmamba: pretrain,
+                                         # distill): that stage, the earlier ones loaded
   protocol: str = "honest"               # honest | reference (the authors' protocol, PROTOCOLS)
   teacher_ckpt: Optional[str] = None     # teacher save_model dir (default <workdir>/teacher)
   # Data.
@@ -50,6 +56,7 @@ class RunConfig:
   include_train_in_test: bool = False    # the authors test on all labelled pixels (spec §7.1.2)
   normalize: str = "standard"            # standard (z-score on train pixels) | none (the authors)
   pca_fit: str = "all"                   # all pixels (the authors) | train
+  pca: Optional[str] = None              # raw: every band (no PCA); None: the dataset's PCA
   train_per_class: Optional[int] = None
   synthetic_height: Optional[int] = None  # override the built-in scene's size (tests, demos)
   synthetic_width: Optional[int] = None
@@ -67,6 +74,17 @@ class RunConfig:
   eps: Optional[float] = None
   betas_pretrain: Optional[tuple[float, float]] = None
   betas_distill: Optional[tuple[float, float]] = None
+  # The comparison methods' optimisers (steps.plain_optim_config; DPMamba: AdamW + its schedule)
+  optimizer: str = "adamw"               # adamw | adam | sgd
+  momentum: float = 0.0                  # sgd
+  nesterov: bool = False                 # sgd
+  lr_schedule: str = "constant"          # per epoch: constant | step | cosine
+  lr_min: float = 0.0                    # cosine: the floor
+  lr_cosine_extra: int = 0               # cosine: its length is the stage's epochs + this
+  lr_step_epochs: int = 0                # step: lr x lr_gamma every N epochs
+  lr_gamma: float = 1.0
+  modality_dropout: bool = False         # comparison methods: per-sample dropout over every
+                                         # non-empty modality subset while training
   distill: str = "tbd"                   # tbd (the method) | kl (ablation Variant 1)
   prompts: bool = True                   # student prompts; false = Variant-3 (zero-filled)
   # Ablations (model/ablations.py, data/subsets.py); the defaults are the paper's method.
@@ -91,6 +109,17 @@ class RunConfig:
   maps: bool = True
   compile_cache: bool = True
   data_parallel: bool = True             # shard batches over all devices when there are several
+
+  @property
+  def authors_lr_off_by_one(self) -> bool:
+    """`protocol: reference` runs the authors' LR schedule with its off-by-one (spec §7.1.13)."""
+    return self.protocol == "reference"
+
+  @property
+  def student_bn_stats(self) -> str:
+    """Which samples enter the student's embedding BatchNorm statistics (DPMamba's bn_stats):
+    the authors' "all" under `protocol: reference`, else "present" (spec §7.1.12)."""
+    return "all" if self.protocol == "reference" else "present"
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -197,9 +226,20 @@ def parse_sets(items: Sequence[str]) -> dict:
   return out
 
 
-def resolve(overrides: dict) -> tuple[RunConfig, Any]:
-  """Fills every None key from the dataset spec and validates. Returns (config, spec)."""
+def resolve(overrides: dict, method_defaults: Callable[[str, str], dict] | None = None
+            ) -> tuple[RunConfig, Any]:
+  """Fills every None key from the dataset spec and validates. Returns (config, spec).
+
+  method_defaults(method, dataset) -> the keys a comparison method sets before `overrides`
+  (methods.defaults); a key of `overrides` wins.
+  """
   d = dict(overrides)
+  method = d.get("method", "dpmamba")
+  if method not in METHODS:
+    raise errors.UserError(f"method {method!r}: unknown; expected one of {', '.join(METHODS)}")
+  if method_defaults is not None:
+    name = d.get("dataset") if not d.get("dataset_file") else None
+    d = {**method_defaults(method, name or ""), **d}
   if d.get("protocol") == "reference":
     for k, v in REFERENCE_KEYS.items():
       if d.get(k, v) != v:
@@ -220,6 +260,11 @@ def resolve(overrides: dict) -> tuple[RunConfig, Any]:
     mods = subsets.parse_modalities(d["modalities"], spec)
     d["modalities"] = None if mods == spec.modalities else ",".join(mods)
     spec = subsets.restrict_spec(spec, mods)
+  if d.get("pca") is not None:
+    if d["pca"] != "raw":
+      raise errors.UserError(f"config pca={d['pca']!r}: expected raw (every band, no PCA) or "
+                             "unset (the dataset's PCA)")
+    spec = dataclasses.replace(spec, pca=tuple(None for _ in spec.pca))
   fill = dict(train_per_class=spec.train_per_class, batch_size=spec.batch_size,
               lr=spec.lr, weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, eps=spec.eps,
               betas_pretrain=tuple(spec.betas_pretrain), betas_distill=tuple(spec.betas_distill),
@@ -246,8 +291,23 @@ def resolve(overrides: dict) -> tuple[RunConfig, Any]:
 def _validate(cfg: RunConfig, spec) -> None:
   def bad(key, expected):
     raise errors.UserError(f"config {key}={getattr(cfg, key)!r}: expected {expected}")
-  if cfg.stage not in STAGES:
+  if cfg.method not in METHODS:
+    bad("method", " | ".join(METHODS))
+  if cfg.method == "dpmamba" and cfg.stage not in STAGES:
     bad("stage", " | ".join(STAGES))
+  if cfg.optimizer not in ("adamw", "adam", "sgd"):
+    bad("optimizer", "adamw | adam | sgd")
+  if not (math.isfinite(cfg.momentum) and 0.0 <= cfg.momentum < 1.0):
+    bad("momentum", "a float in [0, 1)")
+  if cfg.lr_schedule not in ("constant", "step", "cosine"):
+    bad("lr_schedule", "constant | step | cosine")
+  if not (math.isfinite(cfg.lr_min) and cfg.lr_min >= 0):
+    bad("lr_min", "a finite float >= 0")
+  for k in ("lr_step_epochs", "lr_cosine_extra"):
+    if getattr(cfg, k) < 0:
+      bad(k, "an int >= 0")
+  if not (math.isfinite(cfg.lr_gamma) and 0.0 < cfg.lr_gamma <= 1.0):
+    bad("lr_gamma", "a float in (0, 1]")
   if cfg.protocol not in PROTOCOLS:
     bad("protocol", " | ".join(PROTOCOLS))
   if cfg.normalize not in NORMALIZE:
@@ -275,14 +335,20 @@ def _validate(cfg: RunConfig, spec) -> None:
     bad("seed", "an int >= 0")
   if cfg.patch_size % 2 == 0:
     bad("patch_size", "an odd int (a patch is centred on its pixel)")
-  if cfg.batch_size % spec.num_classes:
+  balanced = cfg.method == "dpmamba"  # the balanced sampler's k = B // C per class
+  if balanced and cfg.batch_size % spec.num_classes:
     bad("batch_size", f"a multiple of the {spec.num_classes} classes")
-  if cfg.batch_size // spec.num_classes > cfg.train_per_class:
+  if not balanced and cfg.batch_size > spec.num_classes * cfg.train_per_class:
+    bad("batch_size", f"at most classes x train_per_class = "
+        f"{spec.num_classes * cfg.train_per_class}")
+  if balanced and cfg.batch_size // spec.num_classes > cfg.train_per_class:
     bad("batch_size", f"at most classes x train_per_class = "
         f"{spec.num_classes * cfg.train_per_class}")
   for k, lowest, expected in (("lr", 0.0, "a finite float > 0"),
                               ("eps", 0.0, "a finite float > 0"),
-                              ("grad_clip", 0.0, "a finite float > 0"),
+                              ("grad_clip", 0.0 if cfg.method == "dpmamba" else None,
+                               "a finite float > 0" if cfg.method == "dpmamba"
+                               else "a finite float >= 0 (0 = no clipping)"),
                               ("weight_decay", None, "a finite float >= 0")):
     v = getattr(cfg, k)
     if not math.isfinite(v) or (v <= lowest if lowest is not None else v < 0):
@@ -311,6 +377,12 @@ def steps_per_epoch(cfg: RunConfig, num_classes: int) -> int:
 
 def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
   """The ModelConfig of this run (bands after PCA, patch size, text width as out_dim)."""
+  return model_config_for(cfg, spec.model_bands, out_dim, prompts=prompts)
+
+
+def model_config_for(cfg: RunConfig, bands: Sequence[int], out_dim: int, *,
+                     prompts: bool = False):
+  """The DPMamba ModelConfig of run `cfg` for inputs of `bands` (after PCA) per modality."""
   if cfg.model == "tiny":
     base = network.ModelConfig.tiny()
     kw = dict(hidden=base.hidden, depth=base.depth, d_state=base.d_state,
@@ -322,7 +394,7 @@ def model_config(cfg: RunConfig, spec, out_dim: int, *, prompts: bool = False):
             "backbone", "fusion", "mixer"):
     if getattr(cfg, k) is not None:
       kw[k] = getattr(cfg, k)
-  return network.ModelConfig(bands=tuple(spec.model_bands), patch_size=cfg.patch_size,
+  return network.ModelConfig(bands=tuple(bands), patch_size=cfg.patch_size,
                                out_dim=int(out_dim), prompts=prompts, **kw)
 
 

@@ -1,7 +1,7 @@
 """Classification maps: full scene (every pixel) and labelled pixels, as PNG / .npy / .mat.
 
 On disk, maps hold 1-based class ids with 0 = unlabelled (the .mat key is `data`, as the
-authors' predMap files). The predictions come from `predict.Predictor` (streamed in batches, so
+authors' predMap files). The predictions come from `inference.Predictor` (streamed in batches, so
 the H*W patches are never all in memory); this module saves them, drawn by figures.py.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dpmamba_jax import figures
 from dpmamba_jax import fileio
 from dpmamba_jax import masks as masks_lib
 from dpmamba_jax.figures import save_comparison, save_png
-from dpmamba_jax.predict import Predictor
+from dpmamba_jax.inference import Predictor
 
 # The drawing lives in figures.py (below predict, for the predict command); kept importable here.
 UNLABELLED_RGB = figures.UNLABELLED_RGB

@@ -57,6 +57,15 @@ def sample_masks(key: jax.Array, batch_size: int, num_modalities: int) -> jax.Ar
   return jax.random.permutation(key, block, axis=0, independent=False)
 
 
+def random_subsets(key: jax.Array, batch_size: int, num_modalities: int) -> jax.Array:
+  """Per-sample keep masks, each drawn independently and uniformly from the 2**M - 1 non-empty
+  modality subsets (the comparison methods' `modality_drop` with p = [0, 0]; M = 2: [1,0],
+  [0,1], [1,1] with probability 1/3 each). Jit-able. Returns (B, M) float32."""
+  code = jax.random.randint(key, (batch_size,), 1, 2 ** num_modalities)  # (B,) in [1, 2^M)
+  bits = (code[:, None] >> jnp.arange(num_modalities)[None, :]) & 1
+  return bits.astype(jnp.float32)
+
+
 def scenario_name(modalities: Sequence[str], mask_row: np.ndarray | None) -> str:
   """"complete" or "without:" + "+".join(missing names), e.g. "without:HSI+SAR"."""
   if mask_row is None or bool(np.all(np.asarray(mask_row) > 0)):

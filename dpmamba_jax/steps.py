@@ -49,6 +49,48 @@ class OptimConfig:
   # The authors' loop steps its scheduler with the index of the update just done, so update s
   # runs at lr(s - 1) and updates 0 and 1 both at w0 (spec §7.1 item 13): `--protocol reference`.
   authors_off_by_one: bool = False
+  # The comparison methods' optimisers (their public training scripts, docs/peers.md):
+  # optimizer "adamw" (decoupled decay), "adam" or "sgd" (PyTorch's weight_decay: L2 added to
+  # the gradient; momentum, nesterov); schedule "warmup_cosine" (above, per update), or per
+  # epoch as PyTorch schedulers stepped once an epoch: "constant", "step" (lr x gamma every
+  # step_epochs), "cosine" (linear warmup over warmup_epochs, then cosine annealing to lr_min
+  # over cosine_epochs, PyTorch CosineAnnealingLR's T_max).
+  optimizer: str = "adamw"
+  schedule: str = "warmup_cosine"
+  momentum: float = 0.0
+  nesterov: bool = False
+  steps_per_epoch: int = 1
+  warmup_epochs: int = 0
+  step_epochs: int = 0
+  gamma: float = 1.0
+  cosine_epochs: int = 0
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+EPOCH_SCHEDULES = ("constant", "step", "cosine")
+
+
+def plain_optim_config(*, optimizer: str, lr: float, weight_decay: float, momentum: float,
+                       nesterov: bool, betas: tuple[float, float], eps: float, grad_clip: float,
+                       schedule: str, steps_per_epoch: int, epochs: int, warmup_epochs: int = 0,
+                       lr_min: float = 0.0, step_epochs: int = 0, gamma: float = 1.0,
+                       cosine_extra: int = 0) -> OptimConfig:
+  """A comparison method's optimiser with a per-epoch schedule (EPOCH_SCHEDULES); grad_clip 0 =
+  no clipping; the cosine runs over epochs + cosine_extra epochs (their T_max = epochs + 20)."""
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"optimizer {optimizer!r}: expected one of {OPTIMIZERS}")
+  if schedule not in EPOCH_SCHEDULES:
+    raise ValueError(f"schedule {schedule!r}: expected one of {EPOCH_SCHEDULES}")
+  spe = int(steps_per_epoch)
+  return OptimConfig(lr=float(lr), warmup_init=float(lr), lr_min=float(lr_min),
+                     warmup_steps=int(warmup_epochs) * spe, total_steps=int(epochs) * spe,
+                     b1=float(betas[0]), b2=float(betas[1]), eps=float(eps),
+                     weight_decay=float(weight_decay), grad_clip=float(grad_clip),
+                     optimizer=optimizer, schedule=schedule, momentum=float(momentum),
+                     nesterov=bool(nesterov), steps_per_epoch=spe,
+                     warmup_epochs=int(warmup_epochs), step_epochs=int(step_epochs),
+                     gamma=float(gamma),
+                     cosine_epochs=max(int(epochs) + int(cosine_extra), 1))
 
 
 def stage_optim_config(stage: str, *, lr: float, batch_size: int, steps_per_epoch: int,
@@ -102,10 +144,26 @@ def warmup_cosine(lr_max: float, warmup_init: float, lr_min: float, warmup_steps
   return schedule
 
 
+def _step_lr(t, oc: OptimConfig, xp):
+  """The per-epoch schedules (EPOCH_SCHEDULES) at update t: the lr of epoch t // steps."""
+  epoch = xp.floor(t / oc.steps_per_epoch)
+  if oc.schedule == "step" and oc.step_epochs > 0:
+    return oc.lr * oc.gamma ** xp.floor(epoch / oc.step_epochs)
+  if oc.schedule == "cosine":
+    w = oc.warmup_epochs
+    warm = oc.lr * (epoch + 1) / max(w, 1)
+    frac = xp.clip((epoch - w) / oc.cosine_epochs, 0.0, 1.0)
+    cos = oc.lr_min + 0.5 * (oc.lr - oc.lr_min) * (1.0 + xp.cos(xp.pi * frac))
+    return xp.where(epoch < w, warm, cos)
+  return oc.lr + 0.0 * t
+
+
 def lr_at(t, oc: OptimConfig):
   """`make_optimizer(oc)`'s lr of updates t (numpy ints), in float64 numpy (for comparisons with
   the authors' schedule at double precision; training evaluates the same formula in float32)."""
   t = np.asarray(t, np.float64)
+  if oc.schedule != "warmup_cosine":
+    return _step_lr(t, oc, np)
   if oc.authors_off_by_one:
     t = np.maximum(t - 1.0, 0.0)
   return _warmup_cosine_lr(t, oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps,
@@ -113,14 +171,33 @@ def lr_at(t, oc: OptimConfig):
 
 
 def make_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Global-norm clipping then AdamW on ALL parameters (the authors decay everything, §7.1.6)."""
+  """Global-norm clipping then AdamW on ALL parameters (the authors decay everything, §7.1.6);
+  a comparison method's Adam / SGD with its schedule (`plain_optim_config`)."""
+  if oc.optimizer != "adamw" or oc.schedule != "warmup_cosine":
+    return _plain_optimizer(oc)
   sched = warmup_cosine(oc.lr, oc.warmup_init, oc.lr_min, oc.warmup_steps, oc.total_steps,
                         authors_off_by_one=oc.authors_off_by_one)
   tx = optax.chain(
-      optax.clip_by_global_norm(oc.grad_clip),
+      *([optax.clip_by_global_norm(oc.grad_clip)] if oc.grad_clip > 0 else []),
       optax.adamw(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay),
   )
   return tx, sched
+
+
+def _plain_optimizer(oc: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  def sched(count):
+    return _step_lr(jnp.asarray(count, jnp.float32), oc, jnp)
+
+  parts = [optax.clip_by_global_norm(oc.grad_clip)] if oc.grad_clip > 0 else []
+  if oc.optimizer == "adamw":
+    parts.append(optax.adamw(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps,
+                             weight_decay=oc.weight_decay))
+  else:  # PyTorch Adam / SGD weight_decay: L2 added to the gradient before the update
+    if oc.weight_decay:
+      parts.append(optax.add_decayed_weights(oc.weight_decay))
+    parts.append(optax.adam(sched, b1=oc.b1, b2=oc.b2, eps=oc.eps) if oc.optimizer == "adam"
+                 else optax.sgd(sched, momentum=oc.momentum or None, nesterov=oc.nesterov))
+  return optax.chain(*parts), sched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,10 +284,14 @@ def apply_gradients(state: TrainState, tx, schedule, grads, aux, labels, z, rng)
   """The optimiser update of both steps: (new state, metrics). aux = (loss, loss parts, new
   running stats, V), as `teacher_grads` / `student_grads` return it."""
   loss, parts, new_rest, v = aux
+  return _update(state, tx, schedule, grads, loss, parts, new_rest, _accuracy(v, labels, z), rng)
+
+
+def _update(state: TrainState, tx, schedule, grads, loss, parts, new_rest, train_oa, rng):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(parts)
-  metrics.update(loss=loss, train_oa=_accuracy(v, labels, z), lr=schedule(state.step),
+  metrics.update(loss=loss, train_oa=train_oa, lr=schedule(state.step),
                  grad_norm=optax.global_norm(grads))
   new_state = state.replace(params=params, batch_stats=new_rest, opt_state=opt_state,
                             step=state.step + 1, rng=rng)
@@ -319,4 +400,51 @@ def make_student_step(graphdef, tx: optax.GradientTransformation, schedule: opta
     return jax.jit(step, donate_argnums=0)
   rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
   return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, rep, rep, dat, dat, dat),
+                 out_shardings=(rep, rep))
+
+
+def supervised_grads(graphdef, params, batch_stats, loss_fn: Callable, frozen: dict,
+                     xs: Sequence[jax.Array], keep: jax.Array, labels: jax.Array,
+                     rng: jax.Array):
+  """Gradient of a comparison method's stage loss (method.LossFn) in train mode.
+
+  frozen: earlier stages' models (eval mode); keep: (B, M) 1 = present. Returns
+  (grads, (loss, loss parts, new running stats, logits (B, C))).
+  """
+  def f(params):
+    model = nnx.merge(graphdef, params, _fresh(batch_stats))
+    loss, parts, logits = loss_fn(model, frozen, xs, keep, labels, rng)
+    _, _, new_rest = split_model(model)
+    return loss, (loss, parts, new_rest, logits)
+
+  return jax.grad(f, has_aux=True)(params)
+
+
+def make_supervised_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                         loss_fn: Callable, keep_rule: Callable, *, frozen_graphdefs: dict,
+                         width: int, patch_size: int, num_modalities: int, batch_size: int,
+                         mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """Jitted step of a stage with a plain loss (a comparison method's stages).
+
+  step(state, frozen, cubes, idx, labels) -> (state, metrics)
+    frozen: {name: (params, rest)} of the earlier stages' models (graphdefs in
+    `frozen_graphdefs`); cubes: the padded scene cubes; idx: (B,) int32 flat pixel indices;
+    labels: (B,) int32 0-based. keep_rule(rng, B, M) draws the batch's (B, M) keep masks.
+  The state argument is donated. With `mesh`, idx and labels are sharded over its "data" axis
+  and the rest replicated.
+  """
+  def step(state: TrainState, frozen, cubes, idx, labels):
+    rng, loss_key, keep_key = jax.random.split(state.rng, 3)
+    xs = gather_batch(cubes, idx, width, patch_size)
+    keep = keep_rule(keep_key, batch_size, num_modalities)  # (B, M)
+    models = {k: nnx.merge(frozen_graphdefs[k], *frozen[k]) for k in frozen_graphdefs}
+    grads, (loss, parts, new_rest, logits) = supervised_grads(
+        graphdef, state.params, state.batch_stats, loss_fn, models, xs, keep, labels, loss_key)
+    train_oa = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+    return _update(state, tx, schedule, grads, loss, parts, new_rest, train_oa, rng)
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  rep, dat = replicated_sharding(mesh), batch_sharding(mesh)
+  return jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, rep, dat, dat),
                  out_shardings=(rep, rep))

@@ -2,6 +2,7 @@
 
   python -m dpmamba_jax.summary --dataset trento [--json]
   python -m dpmamba_jax.summary --bands 48,4,1 --patch-size 9
+  python -m dpmamba_jax.summary --method mshnet --dataset trento   (a comparison method's models)
 
 Counts cover nnx.Param only (BatchNorm running statistics are reported separately). Nothing is
 allocated: the model is built abstractly with nnx.eval_shape.
@@ -14,7 +15,10 @@ from collections import OrderedDict
 import numpy as np
 from flax import nnx
 
+from dpmamba_jax import config as config_lib
 from dpmamba_jax import errors
+from dpmamba_jax import method as method_lib
+from dpmamba_jax import methods
 from dpmamba_jax.data import datasets
 from dpmamba_jax.errors import UserError
 from dpmamba_jax.model.network import ModelConfig, abstract_model
@@ -85,6 +89,47 @@ def format_summary(summary: dict, title: str, modality_names=None) -> str:
   return "\n".join(lines)
 
 
+def method_counts(name: str, dataset: str) -> dict:
+  """{"method", "dataset", "bands", "patch_size", "models": {stage model: {"params",
+  "batch_stats"}}} of a comparison method's models at its settings for `dataset` (abstract)."""
+  cfg, spec = config_lib.resolve({"method": name, "dataset": dataset}, methods.defaults)
+  meth = methods.get(name)
+  shapes = method_lib.Shapes(bands=tuple(spec.model_bands), num_classes=spec.num_classes,
+                             patch_size=cfg.patch_size, modalities=tuple(spec.modalities),
+                             text_dim=0)
+  why = meth.check(shapes)
+  if why:
+    raise UserError(f"--method {name}: {why}")
+  stages = meth.stages(cfg, shapes)
+
+  def build_all() -> dict:  # one trace: later stages read the earlier (abstract) models
+    models: dict = {}
+    for stage in stages:
+      models[stage.model] = stage.build({k: models[k] for k in stage.reads}, shapes, 0)[0]
+    return models
+
+  out: dict = OrderedDict()
+  abstract = nnx.eval_shape(build_all)
+  for stage in stages:
+    model = abstract[stage.model]
+    out[stage.model] = {
+        "params": sum(int(np.prod(v.shape)) for _, v in
+                      nnx.to_flat_state(nnx.state(model, nnx.Param))),
+        "batch_stats": sum(int(np.prod(v.shape)) for _, v in
+                           nnx.to_flat_state(nnx.state(model, nnx.BatchStat)))}
+  return {"method": name, "dataset": spec.name, "bands": list(shapes.bands),
+          "patch_size": shapes.patch_size, "models": dict(out)}
+
+
+def format_method_counts(counts: dict) -> str:
+  lines = [f"{methods.get(counts['method']).title} on {counts['dataset']}: bands "
+           f"{tuple(counts['bands'])}, patch {counts['patch_size']}",
+           f"{'model (stage)':<28}{'trainable':>12}{'BN stats':>12}"]
+  for name, c in counts["models"].items():
+    lines.append(f"{name:<28}{c['params']:>12,}{c['batch_stats']:>12,}")
+  return "\n".join(lines)
+
+
 def _parse_ints(text: str, name: str) -> tuple[int, ...]:
   try:
     vals = tuple(int(v) for v in text.split(",") if v.strip())
@@ -103,8 +148,18 @@ def main(argv=None) -> int:
   ap.add_argument("--patch-size", type=int, help="patch size P (default: the dataset's)")
   ap.add_argument("--hidden", type=int, default=None)
   ap.add_argument("--depth", type=int, default=None)
+  ap.add_argument("--method", default="dpmamba", metavar="NAME",
+                  help=f"training method: {', '.join(config_lib.METHODS)} (dpmamba)")
   ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
   args = ap.parse_args(argv)
+  if args.method != "dpmamba":
+    methods.get(args.method)  # a UserError listing the methods
+    if not args.dataset or args.bands or args.hidden or args.depth or args.patch_size:
+      raise UserError(f"--method {args.method}: give --dataset NAME only (the method's own "
+                      "settings for it are counted)")
+    counts = method_counts(args.method, args.dataset)
+    print(json.dumps(counts, indent=1) if args.json else format_method_counts(counts))
+    return 0
   over = {k: v for k, v in (("hidden", args.hidden), ("depth", args.depth)) if v is not None}
   names = None
   if args.dataset:

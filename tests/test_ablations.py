@@ -15,6 +15,7 @@ from dpmamba_jax import checkpoint, errors, run, train
 from dpmamba_jax.data import datasets
 from dpmamba_jax.model import ablations
 from dpmamba_jax.model import DPMamba, ModelConfig, abstract_model, param_count
+from dpmamba_jax.model.network import capture_intermediates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,8 +151,8 @@ def test_student_without_prompts_zero_fills():
   assert not hasattr(student, "prompts")
   assert param_count(student) == param_count(DPMamba(cfg.replace(prompts=True),
                                                      rngs=nnx.Rngs(0))) - 2 * 5 * 5 * 16
-  det = {}
-  student(_inputs(cfg, 3), jnp.asarray([[1, 1], [0, 1], [1, 0]], jnp.float32), details=det)
+  _, det = capture_intermediates(student, _inputs(cfg, 3),
+                                 jnp.asarray([[1, 1], [0, 1], [1, 0]], jnp.float32))
   assert not np.any(det["injected/m0"][1]) and not np.any(det["injected/m1"][2])
   assert np.any(det["injected/m0"][0])
 

@@ -41,11 +41,28 @@ def test_bench_json_on_the_synthetic_dataset(tmp_path):
       "compile_cache_warm"] is True
 
 
+def test_bench_a_comparison_method_on_the_synthetic_dataset():
+  """--method: the method's real shapes (its raw bands, patch and batch size), a positive step
+  time and first-step time for every stage, and its classifier's inference rate."""
+  (row,) = _bench_synthetic("--method", "shaspec")["results"]
+  assert (row["method"], row["bands"], row["patch"], row["batch"]) == ("shaspec", [24, 1], 7, 32)
+  assert set(row["steps_s"]) == set(row["first_step_s"]) == {"model"}
+  assert all(v > 0 for v in [*row["steps_s"].values(), *row["first_step_s"].values()])
+  assert row["infer_patches_per_s"] > 0 and row["peak_rss_mb"] > 0
+
+
 def test_bench_rejects_bad_counts(capsys):
   for argv in (["--infer-calls", "0"], ["--steps", "0"], ["--infer-batch", "-1"]):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "expected positive ints" in err
+
+
+def test_bench_rejects_unknown_methods_and_a_scan_impl_for_a_comparison_method(capsys):
+  for argv, why in ((["--method", "nope"], "expected one of dpmamba"),
+                    (["--method", "dgdnet", "--scan-impl", "recurrent"], "not for --method")):
+    assert bench.main(argv) == 2
+    assert why in capsys.readouterr().err
 
 
 def _row(teacher, student, infer, rss=1000.0, first=10.0, warm=False):

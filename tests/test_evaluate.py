@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dpmamba_jax import data, evaluate, losses, predict
+from dpmamba_jax import data, inference, losses, metrics
 from dpmamba_jax.model import DPMamba, ModelConfig
-from dpmamba_jax.predict import Predictor
+from dpmamba_jax.inference import Predictor
 
 
 def ref_kappa(y, p, c):
@@ -20,9 +20,9 @@ def test_confusion_and_scores_against_reference():
   rng = np.random.default_rng(0)
   y = rng.integers(0, 4, 500)
   p = np.where(rng.uniform(size=500) < 0.7, y, rng.integers(0, 4, 500))
-  conf = evaluate.confusion_matrix(y, p, 4)
+  conf = metrics.confusion_matrix(y, p, 4)
   assert conf.sum() == 500 and conf[1, 2] == np.sum((y == 1) & (p == 2))
-  s = evaluate.scores(conf)
+  s = metrics.scores(conf)
   assert s["OA"] == pytest.approx(100 * np.mean(y == p))
   per = [100 * np.mean(p[y == k] == k) for k in range(4)]
   np.testing.assert_allclose(s["per_class"], per)
@@ -33,14 +33,14 @@ def test_confusion_and_scores_against_reference():
 
 def test_scores_hand_example_and_absent_class():
   conf = np.array([[3, 1, 0], [0, 0, 0], [1, 0, 5]])
-  s = evaluate.scores(conf)
+  s = metrics.scores(conf)
   assert s["OA"] == pytest.approx(80.0)
   assert s["per_class"][1] is None  # no test pixel of class 1: left out of AA
   assert s["AA"] == pytest.approx(100 * (0.75 + 5 / 6) / 2)
-  perfect = evaluate.scores(np.diag([2, 3]))
+  perfect = metrics.scores(np.diag([2, 3]))
   assert (perfect["OA"], perfect["AA"], perfect["kappa"]) == (100.0, 100.0, 100.0)
   with pytest.raises(ValueError):
-    evaluate.confusion_matrix([0, 5], [0, 1], 3)
+    metrics.confusion_matrix([0, 5], [0, 1], 3)
 
 
 def _tiny_predictor_setup(height, width, seed=0):
@@ -64,7 +64,7 @@ def _eval_forward(model, cubes, z, idx, width, mask_row):
 def test_predict_pixels_pads_last_batch_one_compile():
   h, w = 6, 5
   model, cubes, z = _tiny_predictor_setup(h, w)
-  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
+  inference._programs.cache_clear()  # Predictors of equal model graphs share programs
   predictor = Predictor(model, width=w, patch_size=3, batch=8, max_calls=1)
   idx = np.arange(3, 3 + 23, dtype=np.int32)  # 23 = 2 full batches of 8 + 7
   out = predictor.predict_pixels(cubes, z, idx, None)
@@ -88,7 +88,7 @@ def _metrics(oa, seed=0):
 
 
 def test_markdown_table_layout():
-  md = evaluate.markdown_table(_metrics(90.0), ("HSI", "LiDAR"))
+  md = metrics.markdown_table(_metrics(90.0), ("HSI", "LiDAR"))
   lines = md.strip().splitlines()
   assert lines[0].startswith("| Method | Training Modalities | Testing Modalities | OA(%)")
   rows = lines[2:]
@@ -99,12 +99,12 @@ def test_markdown_table_layout():
 
 
 def test_summarize_runs_mean_std():
-  s = evaluate.summarize_runs([_metrics(90.0, 0), _metrics(92.0, 1)])
+  s = metrics.summarize_runs([_metrics(90.0, 0), _metrics(92.0, 1)])
   assert s["seeds"] == [0, 1]
   assert s["student"]["complete"]["OA"] == {"mean": 91.0, "std": pytest.approx(np.sqrt(2.0))}
   assert s["student"]["complete"]["per_class"][1] == {"mean": None, "std": None}
   assert s["wall_time_s"]["evaluate"] == 6.0
-  md = evaluate.markdown_table(s, ("HSI", "LiDAR"))
+  md = metrics.markdown_table(s, ("HSI", "LiDAR"))
   assert "91.00 ± 1.41" in md
 
 
@@ -113,9 +113,9 @@ def test_test_pixels_subsample_fixed_per_seed():
   split = types.SimpleNamespace(test_idx=np.arange(0, 5000, 5, dtype=np.int32))  # 1000 pixels
   rd = lambda n, seed: types.SimpleNamespace(split=split, cfg=types.SimpleNamespace(
       eval_subsample=n, seed=seed))
-  np.testing.assert_array_equal(evaluate.test_pixels(rd(0, 0)), split.test_idx)
-  np.testing.assert_array_equal(evaluate.test_pixels(rd(5000, 0)), split.test_idx)
-  a, b, c = (evaluate.test_pixels(rd(300, s)) for s in (0, 0, 1))
+  np.testing.assert_array_equal(metrics.test_pixels(rd(0, 0)), split.test_idx)
+  np.testing.assert_array_equal(metrics.test_pixels(rd(5000, 0)), split.test_idx)
+  a, b, c = (metrics.test_pixels(rd(300, s)) for s in (0, 0, 1))
   assert a.size == 300 and np.unique(a).size == 300 and np.all(np.diff(a) > 0)
   assert np.isin(a, split.test_idx).all()
   np.testing.assert_array_equal(a, b)  # the same subset for every model of a run

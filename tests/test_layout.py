@@ -1,6 +1,6 @@
 """The package's import graph: no circles, no imports of the package's own modules inside
-functions, and the layers in order (data -> text -> model -> losses -> steps -> predict ->
-evaluate -> train)."""
+functions, and the layers in order (data -> text -> model -> losses -> steps -> method ->
+peers / methods -> inference -> maps -> metrics -> trainer -> the commands)."""
 import ast
 import pathlib
 
@@ -99,12 +99,15 @@ LAYERS = [
     ("dpmamba_jax.text",),
     ("dpmamba_jax.model",),
     ("dpmamba_jax.losses", "dpmamba_jax.masks", "dpmamba_jax.sharding"),
-    ("dpmamba_jax.config", "dpmamba_jax.checkpoint", "dpmamba_jax.run", "dpmamba_jax.summary"),
+    ("dpmamba_jax.config", "dpmamba_jax.checkpoint", "dpmamba_jax.run"),
     ("dpmamba_jax.steps",),
-    ("dpmamba_jax.predict",),
+    ("dpmamba_jax.method",),
+    ("dpmamba_jax.peers", "dpmamba_jax.methods"),
+    ("dpmamba_jax.inference",),
     ("dpmamba_jax.maps",),
-    ("dpmamba_jax.evaluate",),
-    ("dpmamba_jax.train",),
+    ("dpmamba_jax.metrics",),
+    ("dpmamba_jax.workdir", "dpmamba_jax.trainer"),
+    ("dpmamba_jax.train", "dpmamba_jax.evaluate", "dpmamba_jax.predict", "dpmamba_jax.summary"),
 ]
 
 

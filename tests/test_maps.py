@@ -10,9 +10,9 @@ import scipy.io
 from flax import nnx
 from PIL import Image
 
-from dpmamba_jax import data, figures, losses, maps, predict
+from dpmamba_jax import data, figures, inference, losses, maps
 from dpmamba_jax.model import DPMamba, ModelConfig
-from dpmamba_jax.predict import Predictor
+from dpmamba_jax.inference import Predictor
 
 
 def test_colorize_and_default_palette():
@@ -57,7 +57,7 @@ def test_predict_scene_streams_every_pixel(monkeypatch):
       [rng.normal(size=(h, w, b)).astype(np.float32) for b in cfg.bands], p)]
   z = jnp.asarray(rng.normal(size=(4, cfg.out_dim)).astype(np.float32))
   model = DPMamba(cfg, rngs=nnx.Rngs(0))
-  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
+  inference._programs.cache_clear()  # Predictors of equal model graphs share programs
   predictor = Predictor(model, width=w, patch_size=p, batch=16, max_calls=1)
   calls = []
   real_batch = predictor.predict_batch

@@ -18,6 +18,7 @@ from dpmamba_jax.model import DPMamba, ModelConfig, abstract_model, make_forward
 from dpmamba_jax.model import conv as conv_lib
 from dpmamba_jax.model import scan, torch_import
 from dpmamba_jax.model.blocks import AttentionFusion, MaskedBatchNorm
+from dpmamba_jax.model.network import capture_intermediates
 from scan_reference import selective_scan_sequential
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,11 +118,10 @@ def test_init_distributions():
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "train"))
 def _run(graphdef, state, xs, mask, key, train=False):
-  """Pure forward returning (V, details, new_state)."""
+  """Pure forward returning (V, intermediates, new_state)."""
   model = nnx.merge(graphdef, state)
-  details = {}
-  v = model(xs, mask, train=train, dropout_key=key, details=details)
-  return v, details, nnx.state(model)
+  v, inter = capture_intermediates(model, xs, mask, train=train, dropout_key=key)
+  return v, inter, nnx.state(model)
 
 
 def _inputs(cfg, bsz, seed=0):
@@ -196,6 +196,36 @@ def test_eval_samples_independent_and_masks(student):
   np.testing.assert_array_equal(det["injected/m0"][1], student.prompts[0][...])
   np.testing.assert_array_equal(det["injected/m1"][2], student.prompts[1][...])
   np.testing.assert_array_equal(det["injected/m0"][0], det["embed/m0"][0])
+
+
+def test_intermediates_only_when_captured(student):
+  """A plain forward (eager or jitted, eval or train) sows nothing; capture_intermediates gives
+  the (B, P, P, .) intermediates and leaves the model's output, state and graphdef unchanged."""
+  cfg = student.cfg
+  model = DPMamba(cfg, rngs=nnx.Rngs(0))
+  xs, mask = _inputs(cfg, 3), jnp.array([[1, 1], [0, 1], [1, 0]], jnp.float32)
+  gd, state = nnx.split(model)
+
+  def no_intermediates(state):
+    leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return leaves and not any(isinstance(x, nnx.Intermediate) for x in leaves)
+
+  v = model(xs, mask)
+  v_c, inter = capture_intermediates(model, xs, mask)
+  np.testing.assert_array_equal(v_c, v)
+  assert nnx.graphdef(model) == gd and no_intermediates(nnx.state(model))
+  assert not model.sow_intermediates and not model.blocks[0].sow_intermediates
+  h, blk = (3, 5, 5, cfg.hidden), "block0_detail/"
+  want = {f"{k}/m{m}": h for k in ("embed_bn_relu", "embed", "injected", "block0") for m in (0, 1)}
+  want.update({blk + k: h for k in ("cross_af", "cross_conv", "cross_ssm", "cross_out")})
+  want.update({f"{blk}{k}/m{m}": h for k in ("af", "conv", "ssm") for m in (0, 1)})
+  want["head_pooled"] = (3, 2 * cfg.hidden)
+  assert {k: tuple(a.shape) for k, a in inter.items()} == want
+  model(xs, mask, train=True, dropout_key=jax.random.PRNGKey(0))  # eager train: BN update
+  assert nnx.graphdef(model) == gd and no_intermediates(nnx.state(model))
+  _, _, new_state = _run(gd, state, xs, mask, jax.random.PRNGKey(0), train=True)  # jitted
+  assert no_intermediates(new_state)
+  assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
 
 
 def test_train_mode_batchnorm_update_and_dropout(student):

@@ -53,9 +53,9 @@ def _worker() -> dict:
   import optax
   from flax import nnx
 
-  from dpmamba_jax import data, predict, sharding, steps
+  from dpmamba_jax import data, inference, sharding, steps
   from dpmamba_jax import model as model_lib
-  from dpmamba_jax.predict import Predictor
+  from dpmamba_jax.inference import Predictor
 
   assert jax.device_count() == N_DEV, jax.devices()
   rng = np.random.default_rng(0)
@@ -113,7 +113,7 @@ def _worker() -> dict:
 
   # Inference over the whole scene, batch 8 (last batch padded), two scenarios; the 6-band
   # modality through the scene conv (Predictor.prepare_scene), and also from its plain cube.
-  predict.SCENE_CONV_MIN_BANDS = 6
+  inference.SCENE_CONV_MIN_BANDS = 6
   trained = nnx.merge(sgraph, u1.params, u1.batch_stats)
   pred1 = Predictor(trained, width=w, patch_size=p, batch=b)
   predn = Predictor(trained, width=w, patch_size=p, batch=b, mesh=mesh)
@@ -122,9 +122,9 @@ def _worker() -> dict:
   for row in (None, np.array([0.0, 1.0], np.float32)):
     a = pred1.predict_pixels(cubes, z, all_idx, row)
     a2 = predn.predict_pixels(cubes, z, all_idx, row)
-    predict.SCENE_CONV_MIN_BANDS = 1 << 30  # no scene conv: the cubes as they are
+    inference.SCENE_CONV_MIN_BANDS = 1 << 30  # no scene conv: the cubes as they are
     plain = pred1.predict_pixels(cubes, z, all_idx, row)
-    predict.SCENE_CONV_MIN_BANDS = 6
+    inference.SCENE_CONV_MIN_BANDS = 6
     np.testing.assert_array_equal(a, a2)
     np.testing.assert_array_equal(a, plain)
   hlo = predn.program.lower(predn.params, predn.rest, rep(cubes), rep(z), shard(all_idx[:b]),

@@ -21,6 +21,7 @@ from flax import nnx
 
 from dpmamba_jax import steps
 from dpmamba_jax.model import scan, torch_import
+from dpmamba_jax.model.network import capture_intermediates
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PARITY_DIR = pathlib.Path(os.environ.get("DPMAMBA_PARITY_DIR", REPO.parent / "shared" / "parity"))
@@ -75,9 +76,7 @@ def _forward_fn(model):
 
   @jax.jit
   def forward(state, xs, mask):
-    details = {}
-    v = nnx.merge(graphdef, state)(xs, mask, details=details)
-    return v, details
+    return capture_intermediates(nnx.merge(graphdef, state), xs, mask)
 
   return lambda xs, mask: forward(nnx.state(model), xs, mask)
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dpmamba_jax import data, losses, predict, steps
+from dpmamba_jax import data, inference, losses, steps
 from dpmamba_jax import model as model_lib
 
 
@@ -162,9 +162,9 @@ def test_teacher_features_are_its_eval_forward_row_by_row(setup):
 def test_predict_step_masks_are_an_input(setup):
   s = setup
   model = model_lib.DPMamba(s["cfg"].replace(prompts=True), rngs=nnx.Rngs(2))
-  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
+  inference._programs.cache_clear()  # Predictors of equal model graphs share programs
   b = s["idx"].shape[0]
-  pred = predict.Predictor(model, width=W, patch_size=P, batch=b)
+  pred = inference.Predictor(model, width=W, patch_size=P, batch=b)
   outs = []
   for row in ([1, 1], [0, 1], [1, 0]):
     mask = jnp.asarray(np.tile(np.array(row, np.float32), (b, 1)))
@@ -193,15 +193,15 @@ def _tiny_student_scene(seed: int):
     (512, 16, 32, 16), (500, 16, 32, 10), (120, 16, 32, 3), (31, 16, 32, 1), (24, 4, 4, 4),
     (7, 4, 1, 1), (512, 1, 32, 1)])
 def test_predict_calls(batch, max_calls, min_sub, want):
-  n = predict.predict_calls(batch, max_calls, min_sub)
+  n = inference.predict_calls(batch, max_calls, min_sub)
   assert n == want and batch % n == 0 and (n == 1 or batch // n >= min_sub)
 
 
 def test_predict_concurrent_calls_equal_one_call(monkeypatch):
   """A batch split into concurrent sub-batch calls gives the one call's predictions; the
   concurrent first calls trace the step once, at the sub-batch's shape."""
-  monkeypatch.setattr(predict, "CPU_PREDICT_MIN_SUB_BATCH", 4)
-  predict._programs.cache_clear()  # Predictors of equal model graphs share programs
+  monkeypatch.setattr(inference, "CPU_PREDICT_MIN_SUB_BATCH", 4)
+  inference._programs.cache_clear()  # Predictors of equal model graphs share programs
   traced = []
   real_predict = losses.predict
 
@@ -211,8 +211,8 @@ def test_predict_concurrent_calls_equal_one_call(monkeypatch):
 
   monkeypatch.setattr(losses, "predict", recording_predict)
   rng, cubes, z, model = _tiny_student_scene(seed=6)
-  split = predict.Predictor(model, width=W, patch_size=P, batch=24, max_calls=4)
-  whole = predict.Predictor(model, width=W, patch_size=P, batch=24, max_calls=1)
+  split = inference.Predictor(model, width=W, patch_size=P, batch=24, max_calls=4)
+  whole = inference.Predictor(model, width=W, patch_size=P, batch=24, max_calls=1)
   idx = jnp.asarray(rng.choice(H * W, 24, replace=False).astype(np.int32))
   masks = [jnp.asarray(np.tile(np.array(row, np.float32), (24, 1)))
            for row in ([1, 1], [0, 1], [1, 0])]
@@ -229,9 +229,9 @@ def test_predict_concurrent_calls_equal_one_call(monkeypatch):
 def test_predict_scene_input_equals_cubes(monkeypatch):
   """Predictor.prepare_scene's scene input (the wide modality's embedding conv run once over
   the cube) gives the predictions of the plain cubes, complete and with either modality missing."""
-  monkeypatch.setattr(predict, "SCENE_CONV_MIN_BANDS", 6)  # modality 0 (6 bands) only
+  monkeypatch.setattr(inference, "SCENE_CONV_MIN_BANDS", 6)  # modality 0 (6 bands) only
   _, cubes, z, model = _tiny_student_scene(seed=4)
-  pred = predict.Predictor(model, width=W, patch_size=P, batch=H * W)
+  pred = inference.Predictor(model, width=W, patch_size=P, batch=H * W)
   scene = pred.prepare_scene(cubes)
   assert isinstance(scene[0], dict) and set(scene[0]) == {"conv", "ring"}
   chex.assert_shape(scene[0]["conv"], cubes[0].shape[:2] + (8,))
@@ -242,8 +242,8 @@ def test_predict_scene_input_equals_cubes(monkeypatch):
     mask = jnp.asarray(np.tile(np.array(row, np.float32), (H * W, 1)))
     np.testing.assert_array_equal(pred.predict_batch(scene, z, idx, mask),
                                   pred.predict_batch(cubes, z, idx, mask))
-  monkeypatch.setattr(predict, "SCENE_CONV_BACKENDS", ())  # e.g. a GPU: the cubes as they are
-  plain = predict.Predictor(model, width=W, patch_size=P, batch=H * W).prepare_scene(cubes)
+  monkeypatch.setattr(inference, "SCENE_CONV_BACKENDS", ())  # e.g. a GPU: the cubes as they are
+  plain = inference.Predictor(model, width=W, patch_size=P, batch=H * W).prepare_scene(cubes)
   assert not any(isinstance(entry, dict) for entry in plain)
 
 

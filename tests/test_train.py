@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dpmamba_jax import config as config_lib
-from dpmamba_jax import errors, evaluate, runtime, steps, train
+from dpmamba_jax import errors, evaluate, methods, runtime, steps, train, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,9 +155,9 @@ def test_protocol_reference_trains_with_the_authors_schedule_and_batchnorm():
   BatchNorm statistics take the masked samples only under reference."""
   for protocol, off_by_one, bn in (("honest", False, "present"), ("reference", True, "all")):
     cfg, _ = train.resolve_args(train._parser().parse_args(["--protocol", protocol]))
-    assert train.student_bn_stats(cfg) == bn
+    assert cfg.student_bn_stats == bn
     for stage in ("pretrain", "distill"):
-      oc = train.stage_optim_config(cfg, stage, steps_per_epoch=3)
+      oc = methods.dpmamba_optim_config(cfg, stage, steps_per_epoch=3)
       assert oc.authors_off_by_one == off_by_one
       assert (oc.total_steps, oc.warmup_steps) == (3 * cfg.epochs_pretrain, 3 * cfg.warmup_epochs)
       lr = steps.lr_at(np.arange(4), oc)
@@ -269,19 +269,19 @@ def test_cpu_xla_flags_only_without_an_accelerator_plugin(monkeypatch, tmp_path)
 
 
 def test_a_rerun_may_change_scan_impl_but_not_the_numbers(tmp_path):
-  """scan_impl is a run-time choice (train._FREE_KEYS): a workdir trained with one resumes with
+  """scan_impl is a run-time choice (workdir._FREE_KEYS): a workdir trained with one resumes with
   the other (the periodic checkpoints hold arrays only, tests/test_checkpoint.py loads a model
   with either), while a setting that changes the numbers is refused."""
   cfg, _ = config_lib.resolve({"scan_impl": "recurrent", "workdir": str(tmp_path)})
-  train._check_workdir_config(cfg, str(tmp_path))
+  workdir.check_workdir_config(cfg, str(tmp_path))
   other, _ = config_lib.resolve({"scan_impl": "associative", "workdir": str(tmp_path)})
-  train._check_workdir_config(other, str(tmp_path))
+  workdir.check_workdir_config(other, str(tmp_path))
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["scan_impl"] == "associative"
   lr, _ = config_lib.resolve({"scan_impl": "associative", "lr": 1e-3, "workdir": str(tmp_path)})
-  train._check_workdir_config(lr, str(tmp_path))  # nothing drawn or trained yet: rewritten
+  workdir.check_workdir_config(lr, str(tmp_path))  # nothing drawn or trained yet: rewritten
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["lr"] == 1e-3
   (tmp_path / "split.npz").write_bytes(b"")  # the run has started: its settings bind
   with pytest.raises(errors.UserError, match="this workdir was run with lr="):
-    train._check_workdir_config(other, str(tmp_path))
+    workdir.check_workdir_config(other, str(tmp_path))

@@ -1,12 +1,13 @@
 """Train-step and inference benchmark at a dataset's real batch, patch and band counts.
 
-  python tools/bench.py [--dataset trento --dataset houston ...] [--scan-impl auto ...]
-                        [--steps 5] [--infer-batch 512 ...] [--json] [--out bench.json]
+  python tools/bench.py [--method dpmamba] [--dataset trento --dataset houston ...]
+                        [--scan-impl auto ...] [--steps 5] [--infer-batch 512 ...] [--json]
+                        [--out bench.json]
 
 Random inputs of the real shapes (the scene is random too, at the dataset's public size). Each
-(dataset, scan impl) runs in a fresh subprocess, so `compile_s` is a cold compile and
+(method, dataset, scan impl) runs in a fresh subprocess, so `compile_s` is a cold compile and
 `peak_rss_mb` is that configuration's own peak. The steps are `dpmamba_jax.steps`'
-make_teacher_step / make_student_step and `dpmamba_jax.predict.Predictor` (the real jitted train
+make_teacher_step / make_student_step and `dpmamba_jax.inference.Predictor` (the real jitted train
 steps: patch gather from the on-device scene, model, loss, grad, AdamW; the real inference path). Measured per configuration:
 
   first_step_s    wall time of the first teacher step (trace + compile + run)
@@ -30,12 +31,26 @@ steps: patch gather from the on-device scene, model, loss, grad, AdamW; the real
                   scene: infer_prepare_s); the median of max(8, --steps) calls, and
                   infer_page_faults_per_call (minor faults: see "Host memory" below); on a
                   CPU a batch runs as concurrent calls on equal sub-batches, as evaluation
-                  runs it (predict.Predictor; `infer_calls`, --infer-calls N: at most
+                  runs it (inference.Predictor; `infer_calls`, --infer-calls N: at most
                   N calls, 1 = one call)
   peak_rss_mb     resource.getrusage peak of the subprocess (peak_rss_train_mb: the peak
                   before the inference program is compiled, i.e. of the two train steps)
 
 `--scan-impl all` runs both selective-scan implementations (recurrent, associative) side by side.
+
+`--method NAME` (shaspec, dgdnet, mshnet; default dpmamba, everything above) benchmarks a
+comparison method instead, at the shapes its resolved config gives (config.resolve with
+methods.defaults: e.g. every raw band with `pca: none`, its patch and batch size; text_dim 1):
+each stage's model is built in order (the earlier ones frozen, as trained here) and its real
+jitted train step is the one trainer.train_stage builds (stage.step on a StepContext, the
+stage's optimiser, its sampler's first batch). Its rows (`run_method`, a second table; no
+`per_dataset` / `against_authors`):
+
+  steps_s         {stage: median of --steps train steps after one warm-up} (steps_min_s: fastest)
+  first_step_s    {stage: wall time of its first step (trace + compile + run)}
+  infer_patches_per_s  the method's scored classifier (method.scored[0]) through
+                  inference.Predictor, measured as for DPMamba (no scene preparation there)
+  peak_rss_mb     as above (peak_rss_train_mb: after the train steps)
 
 Against the authors: for trento, houston and augsburg the JSON's `against_authors` (and a second
 printed table) puts the first scan impl's row beside the authors' PyTorch CPU figures of issue 6
@@ -163,6 +178,35 @@ def _times(fn, n: int) -> tuple[float, float]:
   return float(np.median(ts)), float(np.min(ts))
 
 
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _infer_rates(predictor, scene, z, n_pixels: int, rng, batches: Sequence[int],
+                 steps_n: int) -> dict:
+  """{batch: (patches/s of the median call, of the fastest, minor page faults per call)} of
+  predictor.predict_batch on random pixels of the prepared scene, complete inputs; after one
+  warm-up call, max(8, steps_n) calls (a call is short: more of them for a steadier median)."""
+  import jax
+  import jax.numpy as jnp
+
+  by_batch = {}
+  for b in batches:
+    idx = jnp.asarray(rng.integers(0, n_pixels, b).astype(np.int32))
+    mask = jnp.ones((b, predictor.num_modalities), jnp.float32)
+
+    def infer_once():
+      jax.block_until_ready(predictor.predict_batch(scene, z, idx, mask))
+
+    infer_once()
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    n_infer = max(8, steps_n)
+    infer_s, infer_min = _times(infer_once, n_infer)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / n_infer
+    by_batch[b] = (b / infer_s, b / infer_min, faults)
+  return by_batch
+
+
 def build(dataset: str, scan_impl: str = "auto",
           infer_calls: int | None = None) -> types.SimpleNamespace:
   """The real jitted steps at a dataset's shapes, on random inputs (also used by profile_step).
@@ -171,7 +215,7 @@ def build(dataset: str, scan_impl: str = "auto",
   features), idx / labels (one train batch), t_graph / t_state / t_step (teacher graphdef, train
   state, jitted step), s_graph / s_state / s_step (the same for the student),
   teacher_features (steps.make_teacher_features of the teacher at the train batch),
-  predictor(params, rest) (a predict.Predictor of the student with that state, at most
+  predictor(params, rest) (a inference.Predictor of the student with that state, at most
   `infer_calls` concurrent calls per batch; None: the backend's default), scene (H, W) and rng.
   """
   # jax after the parent process set the workers' XLA flags and malloc tunable
@@ -182,7 +226,7 @@ def build(dataset: str, scan_impl: str = "auto",
   from dpmamba_jax import steps
   from dpmamba_jax.data import datasets
   from dpmamba_jax.model import network
-  from dpmamba_jax.predict import Predictor
+  from dpmamba_jax.inference import Predictor
 
   spec = datasets.get_spec(dataset)
   cfg = network.ModelConfig.for_dataset(spec, scan_impl=scan_impl)
@@ -221,7 +265,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   import jax
   import jax.numpy as jnp
 
-  from dpmamba_jax import predict as predict_lib
+  from dpmamba_jax import inference as predict_lib
   from dpmamba_jax.model import scan
 
   runtime.release_memory_after_compiles()  # as the CLIs do
@@ -278,7 +322,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   # On a CPU the steps run one after the other anyway (and 20 more would take ~20 s).
   pipelined_s = _times(student_10, 2)[1] / 10 if jax.default_backend() != "cpu" else None
 
-  train_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  train_rss = _peak_rss_mb()
   predictor = env.predictor(box["s"].params, box["s"].batch_stats)
   batches = [infer_batch] if isinstance(infer_batch, int) else list(infer_batch)
   # as evaluation and the maps run it: the scene input prepared once per model (the wide
@@ -288,20 +332,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
   t1 = time.perf_counter()
   scene = jax.block_until_ready(predictor.prepare_scene(cubes))
   prepare_first, prepare_s = t1 - t0, time.perf_counter() - t1
-  by_batch = {}
-  for b in batches:
-    idx_i = jnp.asarray(rng.integers(0, h * w, b).astype(np.int32))
-    mask = jnp.ones((b, cfg.num_modalities), jnp.float32)
-
-    def infer_once():
-      jax.block_until_ready(predictor.predict_batch(scene, z, idx_i, mask))
-
-    infer_once()
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    n_infer = max(8, steps_n)  # a call is short: more of them for a steadier median
-    infer_s, infer_min = _times(infer_once, n_infer)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / n_infer
-    by_batch[b] = (b / infer_s, b / infer_min, faults)
+  by_batch = _infer_rates(predictor, scene, z, h * w, rng, batches, steps_n)
   return dict(dataset=spec.name, scan_impl=scan_impl,
               resolved_impl=scan.resolve_impl(scan_impl),
               backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
@@ -321,12 +352,93 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
               first_step_s=first, compile_cache_warm=bool(cache_hits),
               compile_s=max(first - teacher_s, 0.0),
               peak_rss_train_mb=train_rss,
-              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+              peak_rss_mb=_peak_rss_mb())
+
+
+def run_method(name: str, dataset: str, steps_n: int, infer_batch: Sequence[int],
+               infer_calls: int | None = None) -> dict:
+  """Benchmarks comparison method `name` at a dataset's shapes in this process: each stage's
+  real train step, in order, then the scored classifier's inference (module docstring)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from dpmamba_jax import config
+  from dpmamba_jax import inference as predict_lib
+  from dpmamba_jax import method
+  from dpmamba_jax import methods
+  from dpmamba_jax import steps
+  from dpmamba_jax.data.patches import BalancedSampler, ShuffleSampler
+
+  runtime.release_memory_after_compiles()  # as the CLIs do
+  meth = methods.get(name)
+  cfg, spec = config.resolve({"method": name, "dataset": dataset}, methods.defaults)
+  p, n_cls = cfg.patch_size, spec.num_classes
+  shapes = method.Shapes(bands=tuple(spec.model_bands), num_classes=n_cls, patch_size=p,
+                         modalities=tuple(spec.modalities), text_dim=1)
+  why = meth.check(shapes)
+  if why:
+    raise errors.UserError(f"--method {name}: {why}")
+  h, w = spec.scene_shape or DEFAULT_SCENES.get(spec.name, (128, 128))
+  r = p // 2
+  rng = np.random.default_rng(0)
+  cubes = [jnp.asarray(rng.standard_normal((h + 2 * r, w + 2 * r, c), np.float32))
+           for c in shapes.bands]
+  z = jnp.asarray(rng.standard_normal((n_cls, shapes.text_dim), np.float32))
+  n_train = cfg.train_per_class * n_cls
+  train_idx = rng.integers(0, h * w, n_train).astype(np.int32)
+  train_labels = np.arange(n_train, dtype=np.int32) % n_cls
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+  models, steps_s, steps_min_s, first_s = {}, {}, {}, {}
+  for i, stage in enumerate(meth.stages(cfg, shapes)):  # as trainer.run_one / train_stage
+    frozen = {k: models[k] for k in stage.reads}
+    model, _ = stage.build(frozen, shapes, cfg.seed)
+    sampler = (BalancedSampler(train_labels, n_cls, stage.batch_size, cfg.seed)
+               if stage.sampler == "balanced" else
+               ShuffleSampler(n_train, stage.batch_size, cfg.seed))
+    tx, sched = steps.make_optimizer(stage.optim(sampler.steps))
+    graphdef, state = steps.init_train_state(
+        model, tx, jax.random.fold_in(jax.random.PRNGKey(cfg.seed), i + 1))
+    box = {"s": state.replace(params=copy(state.params), batch_stats=copy(state.batch_stats))}
+    run = stage.step(method.StepContext(
+        graphdef=graphdef, tx=tx, schedule=sched, frozen=frozen, cubes=cubes, z=z,
+        train_idx=train_idx, to_device=jnp.asarray, width=w, patch_size=p,
+        batch_size=sampler.batch_size, num_modalities=shapes.num_modalities, mesh=None,
+        log=lambda _: None))
+    rows = sampler.epoch(0)[0]
+
+    def step_once():
+      box["s"], m = run(box["s"], rows, train_labels[rows])
+      jax.block_until_ready(m)
+
+    first_s[stage.name] = _times(step_once, 1)[0]
+    step_once()
+    steps_s[stage.name], steps_min_s[stage.name] = _times(step_once, steps_n)
+    models[stage.model] = nnx.merge(graphdef, box["s"].params, box["s"].batch_stats)
+
+  train_rss = _peak_rss_mb()
+  batches = list(infer_batch)
+  predictor = predict_lib.Predictor(meth.scored[0].classifier(models), width=w, patch_size=p,
+                                    batch=batches[0], max_calls=infer_calls)
+  scene = predictor.prepare_scene(cubes)  # the cubes themselves for a comparison method
+  by_batch = _infer_rates(predictor, scene, z, h * w, rng, batches, steps_n)
+  return dict(method=name, dataset=spec.name, backend=jax.default_backend(),
+              device_kind=jax.devices()[0].device_kind, batch=cfg.batch_size, patch=p,
+              bands=list(shapes.bands), steps_s=steps_s, steps_min_s=steps_min_s,
+              first_step_s=first_s, scored=meth.scored[0].key, infer_batch=batches[0],
+              infer_calls=predict_lib.predict_calls(batches[0], predictor.max_calls),
+              infer_patches_per_s=by_batch[batches[0]][0],
+              infer_patches_per_s_best=by_batch[batches[0]][1],
+              infer_patches_per_s_by_batch={str(b): v[0] for b, v in by_batch.items()},
+              infer_page_faults_per_call=by_batch[batches[0]][2],
+              peak_rss_train_mb=train_rss, peak_rss_mb=_peak_rss_mb())
 
 
 def _subprocess(dataset: str, impl: str, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--dataset", dataset,
-         "--scan-impl", impl, "--steps", str(args.steps)]
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", args.method,
+         "--dataset", dataset, "--steps", str(args.steps)]
+  if args.method == "dpmamba":
+    cmd += ["--scan-impl", impl]
   for b in args.infer_batch:
     cmd += ["--infer-batch", str(b)]
   if args.infer_calls is not None:
@@ -342,8 +454,10 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
   if out.returncode != 0:
     tail = " | ".join(out.stderr.strip().splitlines()[-3:])
-    return dict(dataset=dataset, scan_impl=impl, error=f"exit {out.returncode}: {tail}")
+    return dict(method=args.method, dataset=dataset, scan_impl=impl,
+                error=f"exit {out.returncode}: {tail}")
   row = json.loads(out.stdout.strip().splitlines()[-1])
+  row.setdefault("method", args.method)
   row["xla_flags"] = env.get("XLA_FLAGS", "")
   row["glibc_tunables"] = env.get("GLIBC_TUNABLES", "")
   return row
@@ -366,9 +480,27 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def format_method_table(rows: list[dict]) -> str:
+  """A comparison method's rows: train step seconds per stage, median (fastest)."""
+  head = ("method", "dataset", "step s per stage (min)", "first step s", "infer p/s", "RSS MB")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['method']} | {r['dataset']} | error: {r['error']} |")
+      continue
+    per_stage = ", ".join(f"{k} {v:.3f} ({r['steps_min_s'][k]:.3f})"
+                          for k, v in r["steps_s"].items())
+    first = ", ".join(f"{k} {v:.1f}" for k, v in r["first_step_s"].items())
+    lines.append(f"| {r['method']} | {r['dataset']} | {per_stage} | {first} | "
+                 f"{r['infer_patches_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+  return "\n".join(lines)
+
+
 @errors.cli_entry
 def main(argv=None) -> int:
   ap = errors.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--method", default="dpmamba",
+                  help="dpmamba (default), or a comparison method: shaspec, dgdnet, mshnet")
   ap.add_argument("--dataset", action="append", help="trento (default), houston, augsburg, ...")
   ap.add_argument("--scan-impl", action="append",
                   help="auto (default), recurrent, associative, or all")
@@ -377,7 +509,7 @@ def main(argv=None) -> int:
                   help="inference batch (default 512; repeat to time several)")
   ap.add_argument("--infer-calls", type=int, default=None,
                   help="at most this many concurrent calls per inference batch (default: "
-                       "predict.CPU_PREDICT_CALLS on a CPU, 1 elsewhere; 1 = one call)")
+                       "inference.CPU_PREDICT_CALLS on a CPU, 1 elsewhere; 1 = one call)")
   ap.add_argument("--xla-flags", default="auto",
                   help="appended to $XLA_FLAGS of each run (default auto: "
                        f"{runtime.CPU_XLA_FLAGS!r} unless a GPU plugin is installed)")
@@ -391,8 +523,13 @@ def main(argv=None) -> int:
   if args.xla_flags == "auto":
     args.xla_flags = runtime.cpu_xla_flags()
 
-  from dpmamba_jax.data import datasets  # light, but imported with jax after the flags
+  from dpmamba_jax import config  # light, but imported with jax after the flags
+  from dpmamba_jax.data import datasets
   from dpmamba_jax.model import scan
+  if args.method not in config.METHODS:
+    raise errors.UserError(f"--method {args.method}: expected one of {', '.join(config.METHODS)}")
+  if args.method != "dpmamba" and args.scan_impl:
+    raise errors.UserError(f"--scan-impl: DPMamba's selective scan; not for --method {args.method}")
   names = args.dataset or ["trento"]
   for n in names:
     datasets.get_spec(n)  # UserError for unknown names
@@ -412,14 +549,18 @@ def main(argv=None) -> int:
     if args.compile_cache:
       os.environ["DPMAMBA_XLA_CACHE_DIR"] = args.compile_cache
       runtime.setup_compile_cache(True)
-    row = run_one(names[0], impls[0], args.steps, args.infer_batch, args.infer_calls)
+    if args.method == "dpmamba":
+      row = run_one(names[0], impls[0], args.steps, args.infer_batch, args.infer_calls)
+    else:
+      row = run_method(args.method, names[0], args.steps, args.infer_batch, args.infer_calls)
     row["compile_cache"] = args.compile_cache
     print(json.dumps(row))
     return 0
 
-  rows = [_subprocess(n, i, args) for n in names for i in impls]
+  dpmamba = args.method == "dpmamba"
+  rows = [_subprocess(n, i, args) for n in names for i in (impls if dpmamba else impls[:1])]
   per_dataset = {r["dataset"]: {k: r[k] for k in KEYS + ("compile_cache_warm", "backend")}
-                 for r in rows if "error" not in r and r["scan_impl"] == impls[0]}
+                 for r in rows if dpmamba and "error" not in r and r["scan_impl"] == impls[0]}
   result = {"machine": f"{os.cpu_count()} CPU cores", "results": rows,
             "per_dataset": per_dataset, "against_authors": against_authors(per_dataset)}
   text = json.dumps(result, indent=1)
@@ -428,7 +569,7 @@ def main(argv=None) -> int:
   if args.json:
     print(text)
   else:
-    print(format_table(rows))
+    print(format_table(rows) if dpmamba else format_method_table(rows))
     if result["against_authors"]:
       print(f"\nIssue 6's targets (the authors' figures in AUTHORS_CPU; scan {impls[0]}):")
       print(format_against_authors(result["against_authors"]))

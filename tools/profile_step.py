@@ -14,7 +14,7 @@ On a GPU, XLA's command buffers (CUDA graphs) are turned off for the run so that
 its own trace event: the per-line times hold, the total is a little higher than a normal step.
 On a CPU every XLA op (fusion, matmul, loop body op) is an event. Times are per step (the trace
 total divided by --steps). The predict step runs each batch as one call unless --infer-calls N
-(evaluation's CPU default is predict.CPU_PREDICT_CALLS concurrent calls): the ops of concurrent
+(evaluation's CPU default is inference.CPU_PREDICT_CALLS concurrent calls): the ops of concurrent
 calls overlap, and their times then include the wait for a core.
 """
 from __future__ import annotations

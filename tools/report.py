@@ -167,7 +167,7 @@ def cell(runs: Sequence[dict], key: str, scenario: str, metric: str, n_seeds: in
 
 
 def _model_key(variant: str) -> str:
-  # Single-modality nets have no student (train.py skips the distill stage): the teacher is the net.
+  # Single-modality nets have no student (DPMamba has no distill stage for one modality): the teacher is the net.
   return "teacher" if variant in NETS.values() else "student"
 
 

@@ -3,7 +3,7 @@
   python tools/scene_inference.py                      # 349 x 1905, bands 48 + 1, P 11, batch 1024
   python tools/scene_inference.py --rows 40 --json     # only the first 40 rows (quick CPU check)
 
-The paper model (random weights) classifies every pixel through `predict.Predictor`: the padded
+The paper model (random weights) classifies every pixel through `inference.Predictor`: the padded
 per-modality cubes are put on the device once and each fixed-size batch's patches are gathered
 inside the jitted predict step from (batch,) flat indices (the last batch padded, one compile),
 so memory stays bounded by one batch whatever the scene size. With several devices the batches
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
   from dpmamba_jax import sharding
   from dpmamba_jax.data.patches import pad_cubes
   from dpmamba_jax.model import network
-  from dpmamba_jax.predict import Predictor
+  from dpmamba_jax.inference import Predictor
 
   t_start = time.time()
   rng = np.random.default_rng(args.seed)

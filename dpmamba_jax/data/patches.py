@@ -138,3 +138,28 @@ class BalancedSampler:
     cols = [self.members[c][self._stream(c, epoch * per, per)].reshape(self.steps, self.k)
             for c in range(self.num_classes)]
     return np.concatenate(cols, axis=1)  # (steps, C * k)
+
+
+class ShuffleSampler:
+  """Uniformly shuffled training batches (the comparison methods' DataLoader(shuffle=True)).
+
+  Epoch e is the permutation np.random.default_rng([seed, e]).permutation(N) in ceil(N / B)
+  batches of B; the last batch is filled up with the first samples of the same permutation, so
+  every batch has one shape (one compile) and every sample is seen at least once per epoch.
+  """
+
+  def __init__(self, num_train: int, batch_size: int, seed: int):
+    if num_train < 1:
+      raise UserError("training set is empty")
+    if batch_size < 1 or batch_size > num_train:
+      raise UserError(f"batch size {batch_size}: expected 1 to the {num_train} training samples")
+    if seed < 0:
+      raise UserError(f"sampler seed {seed}; expected a non-negative integer")
+    self.num_train, self.batch_size, self.seed = int(num_train), int(batch_size), int(seed)
+    self.steps = -(-self.num_train // self.batch_size)
+
+  def epoch(self, epoch: int) -> np.ndarray:
+    """(steps, B) indices into the training set."""
+    perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+    fill = self.steps * self.batch_size - self.num_train
+    return np.concatenate([perm, perm[:fill]]).reshape(self.steps, self.batch_size)

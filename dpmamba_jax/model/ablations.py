@@ -81,7 +81,11 @@ class ViTBlock(nnx.Module):
   """One pre-LN transformer layer over the M*L tokens of all modalities (Variant-2a).
 
   x <- x + Attn(LN(x) + e, LN(x) + e, LN(x)); x <- x + MLP(LN(x)), e = position + modality.
+
+  Intermediate (only under network.capture_intermediates): "tokens", the layer's output
+  (B, M*L, h).
   """
+  sow_intermediates = False  # set only by network.capture_intermediates
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     h, m_count = cfg.hidden, cfg.num_modalities
@@ -98,8 +102,7 @@ class ViTBlock(nnx.Module):
     self.fc2 = _linear(mlp, h, rngs)
     self.modality_embed = nnx.Param(_trunc_normal_002(rngs.params(), (m_count, h)))  # (M, h)
 
-  def __call__(self, fs: Sequence[jax.Array], *, key: jax.Array | None = None,
-               details: dict | None = None) -> list[jax.Array]:
+  def __call__(self, fs: Sequence[jax.Array], *, key: jax.Array | None = None) -> list[jax.Array]:
     """fs: M arrays (B, P, P, h) -> M arrays (B, P, P, h). `key` is unused (no dropout)."""
     del key
     m_count = self.num_modalities
@@ -118,8 +121,8 @@ class ViTBlock(nnx.Module):
     a = jnp.einsum("brts,bsrd->btrd", attn, v).reshape(b, m_count * n_tok, h)
     x = x + self.o(a)
     x = x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)), approximate=False))
-    if details is not None:
-      details["tokens"] = x
+    if self.sow_intermediates:  # blocks.maybe_sow (blocks.py imports this module)
+      self.sow(nnx.Intermediate, "tokens", x)
     return [x[:, m * n_tok:(m + 1) * n_tok].reshape(b, p, p, h) for m in range(m_count)]
 
 

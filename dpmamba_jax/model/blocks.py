@@ -24,6 +24,17 @@ def linear(cin: int, cout: int, rngs: nnx.Rngs) -> nnx.Linear:
                     bias_init=jax.nn.initializers.zeros, rngs=rngs)
 
 
+def maybe_sow(module: nnx.Module, name: str, value: jax.Array, layout: str = "NHWC") -> None:
+  """Records `value` as the nnx.Intermediate `name` of `module`, only while its
+  `sow_intermediates` flag is set (`network.capture_intermediates` sets it for one call): a
+  plain forward sows nothing and runs no extra op. Layout "HWNC" values, (P, P, B, ·), are
+  recorded as (B, P, P, ·)."""
+  if module.sow_intermediates:
+    if layout == "HWNC":
+      value = jnp.transpose(value, (2, 0, 1, 3))
+    module.sow(nnx.Intermediate, name, value)
+
+
 def layer_norm(features: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # LayerNorm2d: over channels at each pixel, biased variance, eps 1e-5.
   return nnx.LayerNorm(features, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
@@ -123,20 +134,23 @@ class ZigzagSSM(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-  """conv 3x3 -> masked BatchNorm -> ReLU -> LayerNorm over channels (spec §2.2)."""
+  """conv 3x3 -> masked BatchNorm -> ReLU -> LayerNorm over channels (spec §2.2).
+
+  Intermediate (`maybe_sow`): "embed_bn_relu", the ReLU output (B, P, P, hidden).
+  """
+  sow_intermediates = False  # set only by network.capture_intermediates
 
   def __init__(self, bands: int, hidden: int, *, rngs: nnx.Rngs):
     self.conv = Conv3x3(bands, hidden, 1, rngs=rngs)
     self.bn = MaskedBatchNorm(hidden)
     self.norm = layer_norm(hidden, rngs)
 
-  def __call__(self, x, sample_mask=None, *, train=False, details=None, conv_out=None):
+  def __call__(self, x, sample_mask=None, *, train=False, conv_out=None):
     """x: (B, P, P, bands) -> (B, P, P, hidden). conv_out: this conv's output, when computed
     already (`Conv3x3.patch_conv_from_scene`); x is not used then."""
     y = jax.nn.relu(self.bn(self.conv(x) if conv_out is None else conv_out, sample_mask,
                             train=train))
-    if details is not None:
-      details["embed_bn_relu"] = y
+    maybe_sow(self, "embed_bn_relu", y)
     return self.norm(y)
 
 
@@ -148,8 +162,12 @@ class MAMambaBlock(nnx.Module):
 
   Features are (P, P, B, h) here (`layout` "HWNC", token-major): the selective scan runs on
   (P*P, B, h) tokens without a transpose, and the shifted convs slice whole (B, h) slabs.
+
+  Intermediates (`maybe_sow`, all (B, P, P, h)): "cross_af", "cross_conv", "cross_ssm",
+  "cross_out" (M >= 2) and "af/m{m}", "conv/m{m}", "ssm/m{m}".
   """
   layout = "HWNC"
+  sow_intermediates = False  # set only by network.capture_intermediates
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):  # cfg: network.ModelConfig
     h, m_count = cfg.hidden, cfg.num_modalities
@@ -175,30 +193,29 @@ class MAMambaBlock(nnx.Module):
       self.cross_ssm = ssm()
       self.cross_proj = linear(h, h, rngs)
 
-  def __call__(self, fs: Sequence[jax.Array], *, key: jax.Array | None = None,
-               details: dict | None = None) -> list[jax.Array]:
+  def __call__(self, fs: Sequence[jax.Array], *, key: jax.Array | None = None) -> list[jax.Array]:
     """fs: M arrays (P, P, B, h) -> M arrays (P, P, B, h). key: AF dropout (train) or None."""
     m_count = self.num_modalities
     keys = [None] * (m_count + 1) if key is None else list(jax.random.split(key, m_count + 1))
-    det = details if details is not None else {}
+    sow = lambda name, value: maybe_sow(self, name, value, self.layout)
     a = [self.ln1[m](fs[m]) for m in range(m_count)]
     c = None
     if m_count >= 2:
       c = self.cross_af(a, rate=self.af_dropout, key=keys[m_count])
-      det["cross_af"] = c
+      sow("cross_af", c)
       c = self.cross_conv(self.ln2(c), self.layout)
-      det["cross_conv"] = c
+      sow("cross_conv", c)
       c = self.cross_ssm(c, impl=self.scan_impl, layout=self.layout)
-      det["cross_ssm"] = c
+      sow("cross_ssm", c)
       c = jax.nn.silu(self.cross_proj(c))
-      det["cross_out"] = c
+      sow("cross_out", c)
     outs = []
     for m in range(m_count):
       y = self.af[m]([a[m]] if c is None else [a[m], c], rate=self.af_dropout, key=keys[m])
-      det[f"af/m{m}"] = y
+      sow(f"af/m{m}", y)
       y = self.conv[m](self.ln3[m](y), self.layout)
-      det[f"conv/m{m}"] = y
+      sow(f"conv/m{m}", y)
       y = self.ssm[m](y, impl=self.scan_impl, layout=self.layout)
-      det[f"ssm/m{m}"] = y
+      sow(f"ssm/m{m}", y)
       outs.append(jax.nn.silu(self.out_proj[m](y)))
     return outs

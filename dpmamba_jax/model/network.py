@@ -7,6 +7,9 @@ jit pattern (NNX): split once, then a plain ``jax.jit`` of a pure function that 
 
   forward = make_forward(model)          # graphdef fixed
   v = forward(nnx.state(model), xs, mask)
+
+Intermediates (tests / inspection): ``v, inter = capture_intermediates(model, xs, mask)``; a plain
+call sows nothing (nnx.Intermediate only under capture_intermediates).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from dpmamba_jax.data import datasets
 from dpmamba_jax.errors import UserError
 from dpmamba_jax.model import ablations
 from dpmamba_jax.model import scan
-from dpmamba_jax.model.blocks import MAMambaBlock, PatchEmbed, layer_norm, linear
+from dpmamba_jax.model.blocks import MAMambaBlock, PatchEmbed, layer_norm, linear, maybe_sow
 
 
 # Which samples enter the embedding BatchNorm's batch statistics (`DPMamba.__call__`).
@@ -136,7 +139,10 @@ class DPMamba(nnx.Module):
 
   Teacher (cfg.prompts False): masked modalities get zero features. Student (True): they get the
   learned prompt of that modality, one (P, P, hidden) N(0,1) tensor per modality.
+
+  Intermediates: see `capture_intermediates`.
   """
+  sow_intermediates = False  # set only by capture_intermediates
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -172,7 +178,6 @@ class DPMamba(nnx.Module):
 
   def __call__(self, xs: Sequence[jax.Array], mask: jax.Array | None = None, *,
                train: bool = False, dropout_key: jax.Array | None = None,
-               details: dict | None = None,
                embed_conv: Sequence[jax.Array | None] | None = None,
                bn_stats: str = "present") -> jax.Array:
     """Visual features V.
@@ -182,7 +187,6 @@ class DPMamba(nnx.Module):
       mask: (B, M) bool/float, 1 = present, or None (all present).
       train: batch-statistics BatchNorm (updates running stats) and AF dropout.
       dropout_key: PRNG key for AF dropout; required when train and cfg.af_dropout > 0.
-      details: optional dict filled with intermediates (for tests / inspection).
       embed_conv: optional M entries, None or modality m's embedding-conv output (B, P, P, h)
         computed already (scene inference, `Conv3x3.patch_conv_from_scene`); xs[m] is then
         not used and may be None.
@@ -201,36 +205,28 @@ class DPMamba(nnx.Module):
       raise ValueError(f"bn_stats={bn_stats!r}: expected one of {BN_STATS}")
     if train and cfg.af_dropout > 0 and cfg.depth > 0 and dropout_key is None:
       raise ValueError("DPMamba(train=True) needs dropout_key when af_dropout > 0")
-    det = details if details is not None else {}
     present = None if mask is None else jnp.asarray(mask) != 0  # (B, M)
     fs = []
     for m in range(cfg.num_modalities):
-      d_m = {}
       bn_mask = None if present is None or bn_stats == "all" else present[:, m]
-      f = self.embed[m](xs[m], bn_mask, train=train,
-                        details=d_m, conv_out=embed_conv[m])
-      det[f"embed_bn_relu/m{m}"] = d_m["embed_bn_relu"]
-      det[f"embed/m{m}"] = f
+      f = self.embed[m](xs[m], bn_mask, train=train, conv_out=embed_conv[m])
+      maybe_sow(self, f"embed/m{m}", f)
       if present is not None:
         fill = self.prompts[m][...] if cfg.prompts else jnp.zeros_like(f[0])
         f = jnp.where(present[:, m, None, None, None], f, fill[None])
-      det[f"injected/m{m}"] = f
+      maybe_sow(self, f"injected/m{m}", f)
       fs.append(f)
     block_keys = (None if not train or dropout_key is None or cfg.af_dropout == 0
                   else jax.random.split(dropout_key, max(cfg.depth, 1)))
     # The Mamba blocks work token-major, (P, P, B, h): one transpose here instead of two around
-    # every selective scan. `details` are always (B, P, P, h).
+    # every selective scan. Intermediates are always (B, P, P, h).
     token_major = bool(self.blocks) and getattr(self.blocks[0], "layout", "NHWC") == "HWNC"
-    to_bhwc = (lambda x: jnp.transpose(x, (2, 0, 1, 3))) if token_major else (lambda x: x)
     if token_major:
       fs = [jnp.transpose(f, (1, 2, 0, 3)) for f in fs]  # (P, P, B, h)
     for i, blk in enumerate(self.blocks):
-      d_blk = {}
-      fs = blk(fs, key=None if block_keys is None else block_keys[i], details=d_blk)
-      for k, v in d_blk.items():
-        det[f"block{i}_detail/{k}"] = to_bhwc(v)
+      fs = blk(fs, key=None if block_keys is None else block_keys[i])
       for m, f in enumerate(fs):
-        det[f"block{i}/m{m}"] = to_bhwc(f)
+        maybe_sow(self, f"block{i}/m{m}", f, "HWNC" if token_major else "NHWC")
     normed = self.head_norm(jnp.concatenate(fs, axis=-1))
     if token_major:  # (P, P, B, h*M): the mean over the P*P tokens as one float32 GEMV, which
       # XLA:CPU runs several times faster than a reduction over the two major axes
@@ -239,7 +235,7 @@ class DPMamba(nnx.Module):
                        precision=jax.lax.Precision.HIGHEST).reshape(normed.shape[2:])
     else:
       pooled = normed.mean(axis=(1, 2))  # (B, h*M)
-    det["head_pooled"] = pooled
+    maybe_sow(self, "head_pooled", pooled)
     return self.head(pooled)
 
 
@@ -261,6 +257,53 @@ def make_forward(model: DPMamba, *, max_traces: int | None = None):
   if max_traces is not None:
     forward = chex.assert_max_traces(forward, n=max_traces)
   return jax.jit(forward)
+
+
+def capture_intermediates(model: nnx.Module, *args, **kwargs) -> tuple[Any, dict[str, jax.Array]]:
+  """``model(*args, **kwargs)`` and the intermediates it sows: (output, {name: array}).
+
+  Sowing is on for this call only: the `sow_intermediates` flags of the model's modules are set
+  here and removed after, and nnx.capture collects the nnx.Intermediate values, so the model's
+  state and graphdef are left as they were (a plain call, a jitted step, nnx.state and the
+  checkpoints never hold an Intermediate). Eager, or inside jax.jit on a model merged there.
+
+  A DPMamba's names; every array is (B, P, P, .) whatever the blocks' layout:
+    "embed_bn_relu/m{m}"   modality m's PatchEmbed after BatchNorm + ReLU (B, P, P, h)
+    "embed/m{m}"           modality m's embedding (B, P, P, h)
+    "injected/m{m}"        the same with the prompt (student) or zeros (teacher) where masked
+    "block{i}_detail/{k}"  block i's own: MAMambaBlock "cross_af", "cross_conv", "cross_ssm",
+                           "cross_out" (M >= 2), "af/m{m}", "conv/m{m}", "ssm/m{m}";
+                           ViTBlock "tokens" (B, M*L, h)
+    "block{i}/m{m}"        block i's output for modality m
+    "head_pooled"          (B, h*M), the pooled features before the head
+  Other modules' names are the sub-module path and the sown name joined by "/".
+  """
+  modules = [m for _, m in nnx.iter_modules(model)]
+  flagged = [m for m in modules if hasattr(m, "sow_intermediates")]
+  for m in flagged:
+    m.sow_intermediates = True
+  try:
+    out, sown = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
+  finally:
+    for m in flagged:
+      del m.sow_intermediates  # back to the class's False
+    for m in modules:  # what nnx.capture leaves behind when the call raises
+      if "__captures__" in vars(m):
+        delattr(m, "__captures__")
+  named = {}
+  for path, var in nnx.to_flat_state(sown):
+    *where, key = path
+    (value,) = var.get_value()  # one forward sows each name once
+    if not where:
+      name = key
+    elif len(where) == 2 and where[0] == "embed":
+      name = f"{key}/m{where[1]}"
+    elif len(where) == 2 and where[0] == "blocks":
+      name = f"block{where[1]}_detail/{key}"
+    else:
+      name = "/".join(map(str, path))
+    named[name] = value
+  return out, named
 
 
 def param_count(model: nnx.Module) -> int:
