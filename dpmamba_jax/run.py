@@ -79,11 +79,12 @@ def _load_scene(cfg, spec):
 
 
 def _split(cfg, spec, labels, workdir: str, log, label_source: str):
-  """The run's split: <workdir>/split.npz if present (resume, evaluate), else drawn/read once."""
+  """The run's split and whether it is new: <workdir>/split.npz if present (resume, evaluate),
+  else drawn / read from cfg.split_file (saved by the caller once the run may write)."""
   path = os.path.join(workdir, "split.npz")
   if os.path.isfile(path):
     try:
-      return data_lib.load_split(path, labels, allow_overlap=cfg.include_train_in_test)
+      return data_lib.load_split(path, labels, allow_overlap=cfg.include_train_in_test), False
     except errors.UserError as e:  # a damaged / foreign file: say how to get one back
       raise errors.UserError(f"{e}; {_split_recovery(cfg, workdir)}") from None
   if cfg.split_file:
@@ -104,8 +105,7 @@ def _split(cfg, spec, labels, workdir: str, log, label_source: str):
                                 include_train_in_test=cfg.include_train_in_test,
                                 num_classes=spec.num_classes, class_names=spec.class_names,
                                 label_source=label_source)
-  data_lib.save_split(path, split)
-  return split
+  return split, True
 
 
 def _split_recovery(cfg, workdir: str) -> str:
@@ -120,11 +120,23 @@ def _split_recovery(cfg, workdir: str) -> str:
           "--workdir")
 
 
-def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print) -> RunData:
-  """Loads the scene, the split, the preprocessed padded cubes (on device) and the text features."""
+def load_run_data(cfg, spec, workdir: str, log: Callable[[str], None] = print, *,
+                  before_write: Callable[[], None] | None = None) -> RunData:
+  """Loads the scene, the split, the preprocessed padded cubes (on device) and the text features.
+
+  The scene, the patch size and a new split are checked before anything is written:
+  `before_write()` (the run's own first write, e.g. config.json) is called after those checks,
+  then a newly drawn split is saved as <workdir>/split.npz.
+  """
   scene = _load_scene(cfg, spec)
   labels = np.asarray(scene.labels, np.int32)
-  split = _split(cfg, spec, labels, workdir, log, scene.label_source)
+  data_lib.check_patch_size(cfg.patch_size, labels.shape,
+                            f"config patch_size={cfg.patch_size} ({cfg.method})")
+  split, new = _split(cfg, spec, labels, workdir, log, scene.label_source)
+  if before_write is not None:
+    before_write()
+  if new:
+    data_lib.save_split(os.path.join(workdir, "split.npz"), split)
   transform = data_lib.fit_transform(scene, split, normalize=cfg.normalize, pca_fit=cfg.pca_fit)
   cubes = transform.apply(scene.cubes, scene.nodata_masks())
   padded = data_lib.pad_cubes(cubes, cfg.patch_size)

@@ -239,11 +239,14 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   if why:  # before anything is written
     raise errors.UserError(f"--method {meth.name}: {why}")
   workdir = os.path.abspath(cfg.workdir)
-  make_workdir(workdir)
-  check_workdir_config(cfg, workdir)
   log = log or RunLog(workdir)
-  log(f"run config ({os.path.join(workdir, 'config.json')}):\n{config_lib.describe(cfg)}")
-  rd = load_run_data(cfg, spec, workdir, log)
+
+  def first_write():  # once the scene, the patch size and the split are checked
+    make_workdir(workdir)
+    check_workdir_config(cfg, workdir)
+    log(f"run config ({os.path.join(workdir, 'config.json')}):\n{config_lib.describe(cfg)}")
+
+  rd = load_run_data(cfg, spec, workdir, log, before_write=first_write)
   shapes = shapes_of(rd)
   stages = meth.stages(cfg, shapes)
   last = _stages_to_run(cfg, stages)
