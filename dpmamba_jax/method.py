@@ -17,6 +17,8 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import nnx
 
 from dpmamba_jax import config
@@ -53,12 +55,12 @@ KeepRule = Callable[[jax.Array, int, int], jax.Array]
 class StepContext:
   """What a stage's step factory gets from the trainer (the run's data placed on the mesh)."""
   graphdef: nnx.GraphDef
-  tx: object                                 # optax.GradientTransformation
+  tx: optax.GradientTransformation
   schedule: Callable
   frozen: Mapping[str, nnx.Module]           # earlier stages' models (Stage.reads)
   cubes: Sequence[jax.Array]                 # padded scene cubes, replicated on the mesh
   z: jax.Array                               # (C, D) class-text features, replicated
-  train_idx: jax.Array | object              # (N_train,) int32 flat pixel indices (host numpy)
+  train_idx: np.ndarray                      # (N_train,) int32 flat pixel indices, host
   to_device: Callable                        # host (B,) array -> the step's batch placement
   width: int
   patch_size: int

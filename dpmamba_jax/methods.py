@@ -11,7 +11,6 @@ import os
 import time
 from typing import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,10 +24,6 @@ from dpmamba_jax.model import network
 from dpmamba_jax.peers import dgdnet
 from dpmamba_jax.peers import mshnet
 from dpmamba_jax.peers import shaspec
-
-
-def _copy_tree(tree):
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
 def dpmamba_optim_config(cfg: config_lib.RunConfig, stage: str,
@@ -103,7 +98,7 @@ def _dpmamba_stages(cfg: config_lib.RunConfig,
     _check_teacher(teacher.cfg, _model_config(cfg, shapes_, prompts=False))
     scfg = teacher.cfg.replace(prompts=cfg.prompts)  # prompts=false: Variant-3, zero-filled
     student = network.DPMamba(scfg, rngs=nnx.Rngs(seed + 1))  # prompts ~ N(0, 1)
-    nnx.update(student, _copy_tree(nnx.state(teacher)))  # everything but the prompts
+    nnx.update(student, steps.copy_tree(nnx.state(teacher)))  # everything but the prompts
     return student, scfg
 
   pretrain = method.Stage(

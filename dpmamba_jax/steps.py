@@ -213,6 +213,11 @@ class TrainState:
   rng: jax.Array         # (2,) uint32 raw PRNG key
 
 
+def copy_tree(tree):
+  """A copy of every array of `tree` (so that donating one does not free the other)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def split_model(model: nnx.Module):
   """model -> (graphdef, params, rest); rest holds every non-Param variable."""
   return nnx.split(model, nnx.Param, ...)

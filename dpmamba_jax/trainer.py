@@ -39,10 +39,6 @@ from dpmamba_jax.run import RunData, load_run_data, saved_inputs
 from dpmamba_jax.workdir import RunLog, check_workdir_config, make_workdir
 
 
-def _copy_tree(tree):
-  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-
-
 def shapes_of(rd: RunData) -> method_lib.Shapes:
   """The dataset shapes a method's models are built from."""
   return method_lib.Shapes(bands=tuple(int(c.shape[-1]) for c in rd.cubes),
@@ -71,8 +67,8 @@ def train_stage(stage: method_lib.Stage, index: int, rd: RunData, model: nnx.Mod
   tx, sched = steps.make_optimizer(oc)
   rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), index + 1)
   graphdef, state = steps.init_train_state(model, tx, rng)
-  state = state.replace(params=_copy_tree(state.params),
-                        batch_stats=_copy_tree(state.batch_stats))  # donation must not free `model`
+  state = state.replace(params=steps.copy_tree(state.params),
+                        batch_stats=steps.copy_tree(state.batch_stats))  # donation must not free `model`
   ckpts = checkpoint.TrainCheckpoints(os.path.join(workdir, "ckpt", stage.name))
   start, wall_before = 0, 0.0
   if ckpts.latest_epoch() is not None:
@@ -294,8 +290,7 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
         inputs=saved_inputs(rd))
     log(f"{stage.name}: {wall:.1f} s, {stage.model} saved to {path}")
     models[stage.model], epochs[stage.name], walls[stage.name] = model, stage.epochs, wall
-  if cfg.method == "dpmamba" and last == len(stages) - 1 and len(stages) == 1 \
-      and cfg.stage == "all":
+  if cfg.method == "dpmamba" and len(stages) == 1:
     log("distill: skipped (one modality: no missing-modality scenario; the teacher is the net)")
 
   scored = [s for s in meth.scored if all(n in models for n in s.needs)]
