@@ -2,6 +2,8 @@
 import os
 import pathlib
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -16,3 +18,16 @@ def parity_dir() -> pathlib.Path:
 def shared_data_dir() -> pathlib.Path:
   """Semi-real scenes: <repo>/../shared/data."""
   return SHARED_DIR / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory):
+  """The text-feature and XLA compile caches ($DPMAMBA_CACHE_DIR/{text,xla}) of the CLIs run in
+  this process in a temp folder of its own (each xdist worker has its own), never the user's
+  ~/.cache: tests running in parallel share no cache files. Modules that need fresh caches still
+  set their own (cli_errors.private_text_cache)."""
+  root = tmp_path_factory.mktemp("dpmamba-cache")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("DPMAMBA_CACHE_DIR", str(root))
+    mp.delenv("DPMAMBA_XLA_CACHE_DIR", raising=False)
+    yield

@@ -30,6 +30,7 @@ SWITCHES = [dict(backbone="vit"), dict(fusion="add"),
             dict(mixer="dwconv", fusion="add", bands=(6,)), dict(backbone="vit", bands=(6,))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", SWITCHES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_switch_forward_shapes(kw):
   cfg = ModelConfig.tiny(depth=1, prompts=True, **kw)
@@ -86,6 +87,7 @@ def test_fusion_add_and_dwconv_change_counts_as_expected():
       base - depth * (m + 1) * (ssm - 10 * h))
 
 
+@pytest.mark.slow
 def test_add_fusion_and_dwconv_numerics():
   zs = [jax.random.normal(jax.random.PRNGKey(i), (2, 3, 3, 4)) for i in range(3)]
   out = ablations.AddFusion()(zs, rate=0.3, key=jax.random.PRNGKey(0))
@@ -112,6 +114,7 @@ def _np_linear(x, lin):
   return x @ np.asarray(lin.kernel[...]) + np.asarray(lin.bias[...])
 
 
+@pytest.mark.slow
 def test_vit_block_matches_numpy_reference():
   from scipy.special import erf
   cfg = ModelConfig.tiny(bands=(3, 2), patch_size=3, hidden=8, heads_per_direction=2,
@@ -145,6 +148,7 @@ def test_sincos_embedding_distinguishes_positions():
   assert len({tuple(np.round(r, 6)) for r in e}) == 25
 
 
+@pytest.mark.slow
 def test_student_without_prompts_zero_fills():
   cfg = ModelConfig.tiny(depth=0, prompts=False)  # only the injection is looked at
   student = DPMamba(cfg, rngs=nnx.Rngs(0))  # what train.py builds with prompts=false
@@ -194,6 +198,7 @@ TINY = ["--epochs", "1", "--text-encoder", "random", "--no-compile-cache", "--qu
         "--set", "maps=false"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_end_to_end_variant3_kl_through_train_main(tmp_path, capsys):
   wd = tmp_path / "v3"
@@ -213,6 +218,7 @@ def test_end_to_end_variant3_kl_through_train_main(tmp_path, capsys):
   assert saved["prompts"] is False and saved["distill"] == "kl"
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_end_to_end_single_modality_net(tmp_path):
   wd = tmp_path / "lidar"

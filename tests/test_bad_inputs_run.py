@@ -187,6 +187,7 @@ DAMAGED = {  # name: (damage, fragments of the train rerun's error ({w}: the wor
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DAMAGED))
 def test_rerun_with_a_damaged_file(name, finished, tmp_path, capsys):
   damage, fragments = DAMAGED[name]
@@ -216,6 +217,7 @@ EVAL_DAMAGED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(EVAL_DAMAGED))
 def test_evaluate_with_a_damaged_file(name, finished, tmp_path, capsys):
   w = _copy(finished, tmp_path, DAMAGED[name][0])
@@ -244,6 +246,7 @@ RESUME = {  # name: (what to damage, the warnings' fragments, the resume line or
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RESUME))
 def test_resume_past_a_damaged_periodic_checkpoint(name, finished, tmp_path, capsys):
   damaged, warnings, resumed = RESUME[name]
@@ -277,6 +280,7 @@ def test_resume_past_a_damaged_periodic_checkpoint(name, finished, tmp_path, cap
 # Case 4: evaluate without a student, and a bad --batch.
 
 
+@pytest.mark.slow
 def test_evaluate_without_the_student_says_so(finished, tmp_path, capsys):
   w = _copy(finished, tmp_path, _delete("student"))
   (w / "metrics.json").unlink()
@@ -289,6 +293,7 @@ def test_evaluate_without_the_student_says_so(finished, tmp_path, capsys):
   assert_no_temp_files(w)
 
 
+@pytest.mark.slow
 def test_evaluate_rewrites_a_damaged_metrics_json(finished, tmp_path, capsys):
   """metrics.json is evaluate's output, not its input: a damaged one is simply rewritten."""
   w = _copy(finished, tmp_path, _truncate("metrics.json"))
@@ -299,6 +304,7 @@ def test_evaluate_rewrites_a_damaged_metrics_json(finished, tmp_path, capsys):
   assert_no_temp_files(w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", ["-4", "0"])
 def test_evaluate_bad_batch(batch, finished, tmp_path, capsys):
   w = _copy(finished, tmp_path)
@@ -322,6 +328,7 @@ def _saved_epochs(w, stage):
   return sorted(int(e) for e in os.listdir(d)) if d.is_dir() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "distill"])
 def test_huge_lr_stops_with_one_line(stage, finished, tmp_path, capsys):
   w = tmp_path / "run"
@@ -369,6 +376,7 @@ def _inject(monkeypatch, at_step, what):
     (2, "params", "error: pretrain epoch 1: the parameters are not finite after the epoch's last "
                   "update; nothing saved as the final model"),
 ], ids=["nan_loss", "inf_grad_norm", "inf_params"])
+@pytest.mark.slow
 def test_first_non_finite_step_is_named(at_step, what, want, log_every, tmp_path, capsys,
                                         monkeypatch):
   _inject(monkeypatch, at_step, what)

@@ -1,8 +1,9 @@
 """tools/bench.py: the JSON it promises (issue 6, item 1) and its option checks."""
 import json
 import os
-import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -12,22 +13,24 @@ finally:
   sys.path.pop(0)
 
 
-def _bench_synthetic(*extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--dataset", "synthetic",
-       "--steps", "1", "--infer-batch", "64", "--infer-calls", "2", "--json", *extra],
-      capture_output=True, text=True, env=env, timeout=300, check=False)
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  return json.loads(proc.stdout)
+def _bench_synthetic(capsys, *extra):
+  """bench.main in this process (it runs each measurement in a fresh worker process of its
+  own, which is what is tested); its JSON."""
+  capsys.readouterr()
+  rc = bench.main(["--dataset", "synthetic", "--steps", "1", "--infer-batch", "64",
+                   "--infer-calls", "2", "--json", *extra])
+  out, err = capsys.readouterr()
+  assert rc == 0, (out + err)[-2000:]
+  return json.loads(out)
 
 
-def test_bench_json_on_the_synthetic_dataset(tmp_path):
+@pytest.mark.slow
+def test_bench_json_on_the_synthetic_dataset(tmp_path, capsys):
   """Fresh worker processes at the synthetic dataset's real shapes: every promised key is a
   positive number, and inference ran as the concurrent calls asked for. Run twice with one
   compile cache: the first start is cold, the second hits the cache."""
   cache = str(tmp_path / "xla")
-  result = _bench_synthetic("--compile-cache", cache)
+  result = _bench_synthetic(capsys, "--compile-cache", cache)
   row = result["per_dataset"]["synthetic"]
   assert set(bench.KEYS) <= set(row)
   assert all(row[k] > 0 for k in ("teacher_step_s", "student_step_s", "infer_patches_per_s",
@@ -37,14 +40,15 @@ def test_bench_json_on_the_synthetic_dataset(tmp_path):
   assert full["infer_calls"] == 2 and full["infer_batch"] == 64
   assert full["teacher_features_s"] > 0 and full["teacher_features_pixels"] > 0
   assert row["compile_cache_warm"] is False
-  assert _bench_synthetic("--compile-cache", cache)["per_dataset"]["synthetic"][
+  assert _bench_synthetic(capsys, "--compile-cache", cache)["per_dataset"]["synthetic"][
       "compile_cache_warm"] is True
 
 
-def test_bench_a_comparison_method_on_the_synthetic_dataset():
+@pytest.mark.slow
+def test_bench_a_comparison_method_on_the_synthetic_dataset(capsys):
   """--method: the method's real shapes (its raw bands, patch and batch size), a positive step
   time and first-step time for every stage, and its classifier's inference rate."""
-  (row,) = _bench_synthetic("--method", "shaspec")["results"]
+  (row,) = _bench_synthetic(capsys, "--method", "shaspec")["results"]
   assert (row["method"], row["bands"], row["patch"], row["batch"]) == ("shaspec", [24, 1], 7, 32)
   assert set(row["steps_s"]) == set(row["first_step_s"]) == {"model"}
   assert all(v > 0 for v in [*row["steps_s"].values(), *row["first_step_s"].values()])

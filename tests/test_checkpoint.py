@@ -23,6 +23,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 def test_save_load_model_round_trip(tmp_path):
   cfg = _cfg(prompts=True)
   model = model_lib.DPMamba(cfg, rngs=nnx.Rngs(3))
@@ -51,6 +52,7 @@ def test_load_model_missing_is_user_error(tmp_path):
     checkpoint.load_model(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_train_checkpoints_round_trip(tmp_path):
   model = model_lib.DPMamba(_cfg(), rngs=nnx.Rngs(0))
   oc = steps.OptimConfig(lr=1e-3, warmup_init=1e-4, lr_min=1e-5, warmup_steps=2, total_steps=10)
@@ -102,6 +104,7 @@ def _forward(model, xs):
   return model_lib.make_forward(model)(nnx.state(model), xs)
 
 
+@pytest.mark.slow
 def test_checkpoint_leaves_out_scan_impl_and_loads_with_either(tmp_path):
   cfg = _scan_cfg(scan_impl="associative")
   model = model_lib.DPMamba(cfg, rngs=nnx.Rngs(0))
@@ -117,6 +120,7 @@ def test_checkpoint_leaves_out_scan_impl_and_loads_with_either(tmp_path):
     np.testing.assert_allclose(_forward(loaded, xs), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_naming_a_retired_scan_impl_still_loads(tmp_path):
   """Checkpoints written before scan_impl left the config may name "chunked" or "sequential"."""
   cfg = _scan_cfg()

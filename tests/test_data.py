@@ -263,6 +263,7 @@ def test_error_patch_too_large():
   assert f"patch size 11 does not fit the {H}x{W} scene" in msg
 
 
+@pytest.mark.slow
 def test_cli_error_exit_code(tmp_path, capsys):
   d = write_dir(tmp_path / "ds")
   os.remove(d / "HSI_data.mat")

@@ -61,6 +61,7 @@ def _eval_forward(model, cubes, z, idx, width, mask_row):
   return np.asarray(losses.predict(model(xs, mask), z))
 
 
+@pytest.mark.slow
 def test_predict_pixels_pads_last_batch_one_compile():
   h, w = 6, 5
   model, cubes, z = _tiny_predictor_setup(h, w)

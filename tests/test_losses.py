@@ -182,6 +182,7 @@ def test_compound_losses():
     losses.student_loss(v_s, v_t, labels, z, distill="nope")
 
 
+@pytest.mark.slow
 def test_student_loss_no_gradient_to_teacher():
   v_s, v_t, labels, z = _random_batch(5)
   g_t = jax.grad(lambda vt: losses.student_loss(v_s, vt, labels, z)[0])(v_t)
@@ -218,6 +219,7 @@ class JitTest(chex.TestCase):
 
 # ---------------------------------------------------------------------------- golden parity
 
+@pytest.mark.slow
 def test_golden_losses(golden):
   d = golden
   s = float(d["loss/logit_scale"])

@@ -49,6 +49,7 @@ def test_save_map_files(tmp_path):
   assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
+@pytest.mark.slow
 def test_predict_scene_streams_every_pixel(monkeypatch):
   h, w, p = 7, 9, 3
   cfg = ModelConfig.tiny(bands=(3, 2), patch_size=p, depth=1, hidden=8, out_dim=8, prompts=True)

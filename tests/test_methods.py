@@ -59,6 +59,15 @@ def test_a_two_modality_method_refuses_three_before_writing(capsys, tmp_path):
   assert_nothing_written(tmp_path, before)
 
 
+def test_a_patch_larger_than_the_scene_stops_before_writing(capsys, tmp_path):
+  before = listing(tmp_path)
+  rc, _, err = run_cli(capsys, train.main, ["--method", "shaspec", "--set", "synthetic_height=5",
+                                            "--set", "synthetic_width=5", "--text-encoder",
+                                            "random", "--workdir", str(tmp_path / "w")])
+  assert_one_line_error(rc, err, "patch_size=7", "shaspec", "5x5")
+  assert_nothing_written(tmp_path, before)
+
+
 def test_peer_defaults_apply_and_flags_win():
   cfg, spec = config.resolve({"method": "dgdnet", "dataset": "houston"}, methods.defaults)
   assert (cfg.patch_size, cfg.optimizer, cfg.nesterov, cfg.batch_size) == (7, "sgd", True, 32)
@@ -118,6 +127,7 @@ def _read_map(path):
     return f.read(1)
 
 
+@pytest.mark.slow
 def test_peer_trains_evaluates_and_predicts(capsys, tmp_path, peer_run, scene_yaml):
   name, w = peer_run
   m = methods.get(name)
@@ -147,6 +157,7 @@ def test_peer_trains_evaluates_and_predicts(capsys, tmp_path, peer_run, scene_ya
   np.testing.assert_array_equal(_read_map(tmp_path / "map.tif"), want)
 
 
+@pytest.mark.slow
 def test_a_workdir_of_another_method_refuses_to_resume(capsys, peer_run, scene_yaml):
   name, w = peer_run
   other = "dgdnet" if name != "dgdnet" else "shaspec"

@@ -91,6 +91,7 @@ def test_summary_cli_dataset(capsys):
 # ------------------------------------------------------------------ init (spec §2.10)
 
 
+@pytest.mark.slow
 def test_init_distributions():
   cfg = ModelConfig(bands=(63, 1), patch_size=15, prompts=True)
   model = DPMamba(cfg, rngs=nnx.Rngs(1))
@@ -141,6 +142,7 @@ def student():
   return model
 
 
+@pytest.mark.slow
 def test_make_forward_no_retrace_and_matches_sequential(student, monkeypatch):
   cfg = student.cfg
   fwd = make_forward(student, max_traces=1)
@@ -173,6 +175,7 @@ def test_make_forward_no_retrace_and_matches_sequential(student, monkeypatch):
   np.testing.assert_allclose(v_seq, v1, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_samples_independent_and_masks(student):
   """Eval: each row depends only on its own sample (zero SSM state, no carried state);
   a masked modality's input is ignored and replaced by the prompt."""
@@ -198,6 +201,7 @@ def test_eval_samples_independent_and_masks(student):
   np.testing.assert_array_equal(det["injected/m0"][0], det["embed/m0"][0])
 
 
+@pytest.mark.slow
 def test_intermediates_only_when_captured(student):
   """A plain forward (eager or jitted, eval or train) sows nothing; capture_intermediates gives
   the (B, P, P, .) intermediates and leaves the model's output, state and graphdef unchanged."""
@@ -228,6 +232,7 @@ def test_intermediates_only_when_captured(student):
   assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
 
 
+@pytest.mark.slow
 def test_train_mode_batchnorm_update_and_dropout(student):
   cfg = student.cfg
   gd, state = nnx.split(student)
@@ -253,6 +258,7 @@ def test_train_mode_batchnorm_update_and_dropout(student):
     student(xs, jnp.ones((4, 3)))
 
 
+@pytest.mark.slow
 def test_gradients_flow_and_af_bias_cancels(student):
   cfg = student.cfg
   gd, params, rest = nnx.split(student, nnx.Param, ...)
@@ -327,6 +333,7 @@ def test_masked_batchnorm_no_sample_present():
   np.testing.assert_allclose(y, (1 - 0.5) / np.sqrt(2.0 + 1e-5), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_attention_fusion_weights():
   af = AttentionFusion(8, rngs=nnx.Rngs(0))
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 8))
@@ -343,6 +350,7 @@ def test_attention_fusion_weights():
   np.testing.assert_array_equal(af([ones, ones], rate=0.0, key=jax.random.PRNGKey(1)), ones)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["NHWC", "HWNC"])
 @pytest.mark.parametrize("gpu_forms", [False, True], ids=["cpu_forms", "gpu_forms"])
 @pytest.mark.parametrize("groups", [1, 4, 8])
@@ -375,6 +383,7 @@ def test_conv3x3_matches_grouped_lax_conv(groups, gpu_forms, layout, monkeypatch
   np.testing.assert_allclose(gx_mine, gx_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [1, 4, 5])
 def test_patch_conv_from_scene_equals_patch_conv(p):
   """Patches of the conv over a whole padded cube, corrected on the border with the ring of
@@ -397,6 +406,7 @@ def test_patch_conv_from_scene_equals_patch_conv(p):
     conv_lib.Conv3x3(4, 4, 2, rngs=nnx.Rngs(0)).patch_conv_from_scene(got, ring)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bands,prompts", [((5,), True), ((4, 2, 1), False)])
 def test_other_modality_counts(bands, prompts):
   """M = 1 (no cross branch) and M = 3; the teacher puts zeros in masked slots."""

@@ -32,6 +32,7 @@ def _run_worker(*args: str) -> dict:
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_sharded_steps_and_inference_equal_single_device():
   out = _run_worker()
   assert out["devices"] == N_DEV

@@ -74,6 +74,7 @@ def _train_entries(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_device(tmp_path):
   multi, single = str(tmp_path / "two_hosts"), str(tmp_path / "one_device")
   # The teacher first, then a second launch that restores it from the shared workdir (orbax)

@@ -218,6 +218,7 @@ def test_nodata_pixels_are_unlabelled_and_left_out_of_the_statistics(tmp_path, s
 # Training on the file, and the saved input transform
 
 
+@pytest.mark.slow
 def test_run_saves_the_input_transform(run_dir, scene_yaml):
   for model in ("teacher", "student"):
     inputs = checkpoint.load_inputs(run_dir / model)
@@ -230,6 +231,7 @@ def test_run_saves_the_input_transform(run_dir, scene_yaml):
   assert (run_dir / "comparison_student.png").is_file()
 
 
+@pytest.mark.slow
 def test_data_and_evaluate_accept_the_file(capsys, run_dir, scene_yaml):
   rc, out, _ = run_cli(capsys, data_cli.main, ["--dataset-file", scene_yaml, "--json"])
   assert rc == 0 and json.loads(out)["dataset"] == "testscene"
@@ -245,6 +247,7 @@ def test_data_and_evaluate_accept_the_file(capsys, run_dir, scene_yaml):
 # predict
 
 
+@pytest.mark.slow
 def test_predict_equals_the_runs_maps_and_keeps_the_georeference(capsys, tmp_path, run_dir,
                                                                   scene_yaml):
   out = tmp_path / "map.tif"
@@ -275,6 +278,7 @@ def test_predict_equals_the_runs_maps_and_keeps_the_georeference(capsys, tmp_pat
   np.testing.assert_array_equal(_read(tmp_path / "untiled.tif")[0][0], ids)
 
 
+@pytest.mark.slow
 def test_predict_without_a_modality(capsys, tmp_path, run_dir, scene_yaml):
   """--missing LiDAR, a folder without the LiDAR files and a YAML without LiDAR all give the
   run's without-LiDAR map (the student's prompt in LiDAR's place)."""
@@ -302,6 +306,7 @@ def test_predict_without_a_modality(capsys, tmp_path, run_dir, scene_yaml):
   np.testing.assert_array_equal(ids, complete)
 
 
+@pytest.mark.slow
 def test_predict_a_scene_without_georeference(capsys, tmp_path, run_dir, scene_yaml):
   """A new scene as .npy files (another size): the same files, no CRS; a NaN is no data."""
   hsi, lidar, _ = scene_files.make_arrays(20, 17, seed=5)
@@ -320,6 +325,7 @@ def test_predict_a_scene_without_georeference(capsys, tmp_path, run_dir, scene_y
   assert (tmp_path / "new.png").is_file()
 
 
+@pytest.mark.slow
 def test_predict_refuses_to_overwrite_and_bad_inputs(capsys, tmp_path, run_dir, scene_yaml):
   student = run_dir / "student"
   out = tmp_path / "map.tif"
@@ -365,6 +371,7 @@ def test_predict_refuses_to_overwrite_and_bad_inputs(capsys, tmp_path, run_dir, 
   assert_nothing_written(tmp_path, before)
 
 
+@pytest.mark.slow
 def test_old_checkpoint_says_how_to_export(capsys, tmp_path, run_dir, scene_yaml):
   old = tmp_path / "old"
   shutil.copytree(run_dir, old)

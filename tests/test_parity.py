@@ -336,6 +336,7 @@ def _check_params_after(tg, run, after, torch_before, torch_after, skip=()):
   print(f"parity {run} {after}: max error {worst:.3g} on entries with |grad| > 1e-6")
 
 
+@pytest.mark.slow
 def test_teacher_train_step(train_golden):
   """Loss, V, gradients and BN statistics of one train-mode forward, then 1 and 3 AdamW steps
   of the real jitted teacher step (the golden batch every step, lr fixed)."""
@@ -396,6 +397,7 @@ def _student_setup(tg, run):
   return tg.model("student")[0], tg.v_teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run,bn_stats", [("student_train_complete", "present"),
                                           ("student_train", "all")])
 def test_student_train_step(train_golden, run, bn_stats):
@@ -441,6 +443,7 @@ def test_student_train_step(train_golden, run, bn_stats):
     np.testing.assert_array_equal(before[name], tg.d[f"{run}/params_after_1/{name}"])
 
 
+@pytest.mark.slow
 def test_student_masked_batchnorm_differs_as_documented(train_golden):
   """The default student BatchNorm leaves masked samples out of the batch statistics, so the
   mask-cycle target differs from it by more than float noise (measured in docs/parity.md)."""

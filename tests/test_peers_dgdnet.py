@@ -109,6 +109,7 @@ def test_param_count_and_importer(golden):
   assert set(golden.params) - params.read == set(meta["params_unused_in_forward"])
 
 
+@pytest.mark.slow
 def test_eval_outputs(golden, eval_run):
   _, out = eval_run
   o, d = out["full"], golden.d
@@ -138,6 +139,7 @@ def test_classify_selects_each_samples_scenario(golden, eval_run):
   _close(model(golden.xs, keep), logits)
 
 
+@pytest.mark.slow
 def test_train_outputs(golden, train_run):
   _, outs = train_run
   d = golden.d
@@ -244,6 +246,7 @@ def test_dad_gradient_finite_with_constant_row():
   _close(dgdnet.dad_matrix(jnp.asarray(s), t)[2], np.square(dgdnet._centred_cosine(t)[2]))
 
 
+@pytest.mark.slow
 def test_draw_keep_rule():
   keep = np.asarray(dgdnet.draw_keep(jax.random.key(3), 6000, 2))
   chex.assert_shape(keep, (6000, 2))

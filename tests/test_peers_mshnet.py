@@ -2,6 +2,7 @@
 (peers/mshnet_*.npz): teacher eval and train outputs, BatchNorm buffers after a train forward,
 single networks, students and their JDA loss terms, ensembles, missing-modality outputs,
 parameter counts; plus the stage list, builders, losses and classify for 3 modalities."""
+import functools
 import json
 
 import chex
@@ -72,6 +73,18 @@ def state_dict(d: dict, network: str) -> tuple[Recorder, Recorder]:
   return out[0], out[1]
 
 
+def nan_shell(stage: str, g: dict) -> nnx.Module:
+  """A stage's model built from shapes only (its random initialisers never run: their compiles
+  dominated this file's time), every variable NaN so that one the importer missed shows."""
+  abstract = nnx.eval_shape(
+      lambda: msh.build_stage(stage, g["bands"], g["classes"], g["patch"], {}, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  # jax arrays, not numpy ones: nnx.clone shares a numpy buffer, and loading into a clone would
+  # then write through to the original
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda v: jnp.asarray(np.full(v.shape, np.nan, v.dtype)), state))
+
+
 @pytest.fixture(scope="module")
 def loaded(golden):
   """Every stage's model with the file's weights, and the parameter names each importer read."""
@@ -80,7 +93,7 @@ def loaded(golden):
   for stage in msh.stages(len(g["names"])):
     if stage.startswith("ensemble_"):
       continue
-    model = msh.build_stage(stage, g["bands"], g["classes"], g["patch"], {}, nnx.Rngs(0))
+    model = nan_shell(stage, g)
     params, buffers = state_dict(d, stage)
     msh.load_torch(model, params, buffers)
     models[stage], read[stage] = model, params.read
@@ -315,10 +328,30 @@ def test_stage_lists():
     msh.build_ensemble_hsi((5, 1), 3, 5, {}, nnx.Rngs(0))
 
 
+def numpy_init(build, seed: int) -> nnx.Module:
+  """The module `build()` returns, traced from shapes only and filled with seeded numpy values
+  (weights ~ N(0, 1 / fan_in), BatchNorm mean 0 and variance 1): its random initialisers, whose
+  eager compiles would dominate the test, never run."""
+  graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+
+  def weight(v):
+    fan_in = int(np.prod(v.shape[:-1])) if len(v.shape) > 1 else 100
+    return jnp.asarray(rng.normal(0.0, fan_in ** -0.5, v.shape).astype(v.dtype))
+
+  params = jax.tree.map(weight, params)
+  rest = nnx.State.from_flat_path({
+      path: jnp.full(v.shape, 1.0 if path[-1] == "var" else 0.0, v.dtype)
+      for path, v in nnx.to_flat_state(rest)})
+  return nnx.merge(graphdef, params, rest)
+
+
+@pytest.mark.slow
 def test_three_modalities():
-  """All ten stages built in order and run through their losses once; classify on a batch with
-  every keep pattern (pairs get the mean of their two ensembles). Shapes as in the golden file
-  so that the eager op compilations are shared."""
+  """All ten stages built in order (the conv networks traced from shapes, numpy-initialised;
+  the ensembles built for real from their frozen classifiers) and run through their losses once;
+  classify on a batch with every keep pattern (pairs get the mean of their two ensembles). Shapes
+  as in the golden file so that the eager op compilations are shared."""
   cfg = msh.MSHNetConfig.create((63, 1, 1), 6, 7)
   b, p = 8, cfg.patch_size
   keys = jax.random.split(jax.random.key(0), 3)
@@ -326,7 +359,9 @@ def test_three_modalities():
   labels = jnp.arange(b) % cfg.num_classes
   models: dict[str, nnx.Module] = {}
   for i, stage in enumerate(msh.stages(3)):
-    model = msh.build_stage(stage, cfg.bands, cfg.num_classes, p, models, nnx.Rngs(i))
+    build = functools.partial(lambda stage, i: msh.build_stage(
+        stage, cfg.bands, cfg.num_classes, p, models, nnx.Rngs(i)), stage, i)
+    model = build() if stage.startswith("ensemble_") else numpy_init(build, i)
     total, terms, logits = msh.stage_loss(stage)(model, models, xs, jnp.ones((b, 3)), labels,
                                                  jax.random.key(i))
     chex.assert_shape(logits, (b, cfg.num_classes))

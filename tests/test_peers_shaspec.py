@@ -98,6 +98,7 @@ def train_run(gold):
   return total, terms, logits, grads_named, model, out
 
 
+@pytest.mark.slow
 def test_param_count(gold, eval_out):
   model = eval_out[3]
   meta = gold.meta
@@ -139,6 +140,7 @@ def test_missing_modality(gold, eval_out, scenario, row):
   chex.assert_trees_all_close(logits, out.logits)
 
 
+@pytest.mark.slow
 def test_train_outputs(gold, train_run):
   _, _, logits, _, _, out = train_run
   _close(logits, gold["outputs/train/logits"], "train/logits (model_loss)")

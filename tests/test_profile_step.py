@@ -69,6 +69,7 @@ def test_attribute_sums_per_step():
   assert r["total_ms"] == pytest.approx(2.25) and r["kernels"] == pytest.approx(1.5)
 
 
+@pytest.mark.slow
 def test_profile_step_cli_on_cpu(tmp_path):
   """The whole tool on the synthetic dataset's predict step: the scan and the convs show up."""
   out = tmp_path / "profile.json"

@@ -31,6 +31,7 @@ CASES = [  # (B, P, D, heads R, N)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["recurrent"])
 @pytest.mark.parametrize("bsz,p,dim,heads,n_state", CASES)
 def test_fast_impls_match_numpy(bsz, p, dim, heads, n_state, impl):
@@ -43,6 +44,7 @@ def test_fast_impls_match_numpy(bsz, p, dim, heads, n_state, impl):
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_recurrent_any_permutation_paths_and_no_retrace():
   # the recurrent form needs no row/column structure: arbitrary permutations work
   perm = np.stack([np.random.default_rng(k).permutation(16) for k in range(4)]).astype(np.int32)
@@ -64,6 +66,7 @@ def test_paths_must_be_permutations():
     scan.inverse_paths(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bsz,p,dim,heads,n_state", [(2, 3, 8, 2, 1), (1, 4, 8, 4, 2)])
 def test_all_impls_same_gradients(bsz, p, dim, heads, n_state):
   args = _random_ssm(7 + p, bsz, p, dim, heads, n_state)
@@ -82,6 +85,7 @@ def test_all_impls_same_gradients(bsz, p, dim, heads, n_state):
       chex.assert_trees_all_close(grads(impl), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p", [3, 4])
 @pytest.mark.parametrize("kept_max_bytes", [0, 1 << 30])
 def test_recurrent_vjp_recomputed_states_same_gradients(p, kept_max_bytes, monkeypatch):
@@ -116,6 +120,7 @@ def test_resolve_impl():
     scan.resolve_impl("fast")
 
 
+@pytest.mark.slow
 def test_model_outputs_agree_across_impls():
   cfg = model_lib.ModelConfig.tiny(depth=1, hidden=8, out_dim=8)
   xs = [jax.random.normal(jax.random.PRNGKey(m), (3, 5, 5, b)) for m, b in enumerate(cfg.bands)]
@@ -129,6 +134,7 @@ def test_model_outputs_agree_across_impls():
 
 
 # (16, 32, 32) and (32, 32, 32): the kernel gradient runs over several channel chunks
+@pytest.mark.slow
 @pytest.mark.parametrize("groups,cin,cout", [(4, 8, 8), (8, 8, 8), (2, 4, 6), (16, 32, 32),
                                              (32, 32, 32), (6, 6, 12)])
 def test_shift_grouped_conv_matches_lax_grouped_conv(groups, cin, cout):

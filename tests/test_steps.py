@@ -49,6 +49,7 @@ def test_distill_schedule_unscaled():
                              grad_clip=1)
 
 
+@pytest.mark.slow
 def test_optimizer_clip_then_adamw_matches_numpy():
   oc = steps.OptimConfig(lr=1e-2, warmup_init=1e-2, lr_min=1e-2, warmup_steps=0, total_steps=10,
                          b1=0.8, b2=0.9, eps=1e-8, weight_decay=0.05, grad_clip=1.0)
@@ -92,6 +93,7 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 def test_teacher_step_learns_and_updates_batch_stats(setup):
   s = setup
   model = model_lib.DPMamba(s["cfg"], rngs=nnx.Rngs(0))
@@ -113,6 +115,7 @@ def test_teacher_step_learns_and_updates_batch_stats(setup):
   assert any(not np.allclose(a, b) for a, b in zip(bs0, _leaves(state.batch_stats)))
 
 
+@pytest.mark.slow
 def test_student_step_trains_prompts_not_teacher(setup):
   s = setup
   teacher = model_lib.DPMamba(s["cfg"], rngs=nnx.Rngs(0))
@@ -139,6 +142,7 @@ def test_student_step_trains_prompts_not_teacher(setup):
   assert all(not np.allclose(a, b) for a, b in zip(prompts0, prompts1))  # wd = 0: gradients
 
 
+@pytest.mark.slow
 def test_teacher_features_are_its_eval_forward_row_by_row(setup):
   s = setup
   teacher = model_lib.DPMamba(s["cfg"], rngs=nnx.Rngs(0))
@@ -197,6 +201,7 @@ def test_predict_calls(batch, max_calls, min_sub, want):
   assert n == want and batch % n == 0 and (n == 1 or batch // n >= min_sub)
 
 
+@pytest.mark.slow
 def test_predict_concurrent_calls_equal_one_call(monkeypatch):
   """A batch split into concurrent sub-batch calls gives the one call's predictions; the
   concurrent first calls trace the step once, at the sub-batch's shape."""
@@ -226,6 +231,7 @@ def test_predict_concurrent_calls_equal_one_call(monkeypatch):
   assert traced == [6, 24]  # four calls of 6 traced once; then the one call of 24
 
 
+@pytest.mark.slow
 def test_predict_scene_input_equals_cubes(monkeypatch):
   """Predictor.prepare_scene's scene input (the wide modality's embedding conv run once over
   the cube) gives the predictions of the plain cubes, complete and with either modality missing."""
@@ -247,6 +253,7 @@ def test_predict_scene_input_equals_cubes(monkeypatch):
   assert not any(isinstance(entry, dict) for entry in plain)
 
 
+@pytest.mark.slow
 def test_student_step_three_modalities():
   rng = np.random.default_rng(1)
   cubes = [jnp.asarray(c) for c in data.pad_cubes(

@@ -187,6 +187,7 @@ def test_openai_converter_matches_numpy_reference(tiny_sd):
   assert not np.allclose(clip.clip_text_forward(params2, config2, ids), ref, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_clip_forward_matches_transformers_flax_clip(tiny_sd):
   """Our numpy tower against transformers' FlaxCLIPTextModelWithProjection (4.x only)."""
   transformers = pytest.importorskip("transformers")
@@ -301,6 +302,7 @@ def test_minilm_semantics(minilm_feats):
   assert sim[0, 1] > 0.7
 
 
+@pytest.mark.slow
 def test_minilm_numpy_bert_matches_transformers_flax_bert(minilm_feats):
   """The float64 numpy BERT against transformers' FlaxBertModel (4.x only), padding included."""
   transformers = pytest.importorskip("transformers")

@@ -56,6 +56,7 @@ def _numbers(path):
   return m
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_kill_resume_matches_uninterrupted_run(tmp_path):
   env = _env(tmp_path / "cache")
