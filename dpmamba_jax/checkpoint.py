@@ -212,25 +212,36 @@ def add_inputs(path, inputs: dict) -> None:
   shutil.rmtree(old)
 
 
-def _read_json_part(path, part: str, hint: str | None) -> dict:
-  path = _abs(path)
-  if not is_model_checkpoint(path):
-    raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
-                           "written by dpmamba_jax.checkpoint.save_model)")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    try:
-      got = ckptr.restore(path, args=ocp.args.Composite(**{part: ocp.args.JsonRestore()}))[part]
-    except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
-      cause = read_error(e)
-      if cause is None:
-        raise
-      raise _damaged(path, f"{part}/metadata", describe_read_error(cause), hint) from None
+def _restore_part(ckptr, path: str, part: str, args, hint: str | None):
+  """One part of a model checkpoint; a damaged file is a DamagedCheckpoint naming the part."""
+  try:
+    return ckptr.restore(path, args=ocp.args.Composite(**{part: args}))[part]
+  except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
+    cause = read_error(e)
+    if cause is None:
+      raise
+    where = f"{part}/" if part == "state" else f"{part}/metadata"  # JsonSave's one file
+    raise _damaged(path, where, describe_read_error(cause), hint) from None
+
+
+def _restore_json(ckptr, path: str, part: str, hint: str | None) -> dict:
+  """The JSON object of part "config" or "meta" (an absent meta reads as {})."""
+  got = _restore_part(ckptr, path, part, ocp.args.JsonRestore(), hint)
   if got is None and part == "meta":
     return {}
   if not isinstance(got, dict):
     raise _damaged(path, f"{part}/metadata", f"expected a JSON object, got {type(got).__name__}",
                    hint)
   return got
+
+
+def _read_json_part(path, part: str, hint: str | None) -> dict:
+  path = _abs(path)
+  if not is_model_checkpoint(path):
+    raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
+                           "written by dpmamba_jax.checkpoint.save_model)")
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    return _restore_json(ckptr, path, part, hint)
 
 
 def load_meta(path, *, hint: str | None = None) -> dict:
@@ -262,22 +273,8 @@ def load_model(path, *, scan_impl: str = "auto", hint: str | None = None,
                            "written by dpmamba_jax.checkpoint.save_model)")
   _quiet_abandoned_reads()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    def restore(part, args):
-      try:
-        return ckptr.restore(path, args=ocp.args.Composite(**{part: args}))[part]
-      except Exception as e:  # noqa: BLE001 - only damaged-file errors (read_error) are caught
-        cause = read_error(e)
-        if cause is None:
-          raise
-        where = f"{part}/" if part == "state" else f"{part}/metadata"  # JsonSave's one file
-        raise _damaged(path, where, describe_read_error(cause), hint) from None
-
-    saved = restore("config", ocp.args.JsonRestore())
-    meta = restore("meta", ocp.args.JsonRestore())
-    for part, got in (("config", saved), ("meta", meta)):
-      if not isinstance(got, dict) and not (part == "meta" and got is None):
-        raise _damaged(path, f"{part}/metadata",
-                       f"expected a JSON object, got {type(got).__name__}", hint)
+    saved = _restore_json(ckptr, path, "config", hint)
+    meta = _restore_json(ckptr, path, "meta", hint)
     saved = {k: v for k, v in saved.items() if k not in network.RUNTIME_FIELDS}
     try:
       if rebuild is None:
@@ -290,9 +287,9 @@ def load_model(path, *, scan_impl: str = "auto", hint: str | None = None,
       raise _damaged(path, "config/metadata", " ".join(str(e).split()), hint) from None
     graphdef, abstract_state = nnx.split(abstract)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    state = restore("state", ocp.args.StandardRestore(target))
+    state = _restore_part(ckptr, path, "state", ocp.args.StandardRestore(target), hint)
   model = nnx.merge(graphdef, state)
-  return model, cfg, dict(meta or {})
+  return model, cfg, meta
 
 
 class TrainCheckpoints:
