@@ -182,7 +182,8 @@ def supervised_step(loss: LossFn, keep_rule: KeepRule = all_present) -> StepFact
 
 
 # build(bands, num_classes, patch_size, frozen, rngs) -> a comparison method's model
-PeerBuilder = Callable[[tuple[int, ...], int, int, Mapping[str, nnx.Module], nnx.Rngs], nnx.Module]
+PeerBuilder = Callable[[tuple[int, ...], int, int, Mapping[str, nnx.Module], nnx.Rngs],
+                       nnx.Module]
 
 
 def uniform_subsets(rng: jax.Array, batch: int, num_modalities: int) -> jax.Array:
@@ -196,7 +197,8 @@ def peer_stage(cfg: config.RunConfig, *, name: str, reads: tuple[str, ...] = (),
                epochs: int, index: int, weight_decay: float | None = None) -> Stage:
   """A comparison method's stage trained with `cfg`'s plain optimiser (optimizer, lr,
   lr_schedule and its keys, momentum, nesterov, weight_decay, betas_pretrain, eps, grad_clip) on
-  shuffled batches. Its model folder is `name`; it is saved with the dataset shapes it was built from.
+  shuffled batches. Its model folder is `name`; it is saved with the dataset shapes it was built
+  from.
   `--set modality_dropout=true` replaces a complete-input stage's keep rule by
   `uniform_subsets`. index: the stage's position (its initialisation seed is seed + index);
   weight_decay: the stage's own, where the method's scripts give stages different ones."""

@@ -257,39 +257,35 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   for i, stage in enumerate(stages[:last + 1]):
     path = os.path.join(workdir, stage.model)
     frozen = {k: models[k] for k in stage.reads}
+    src, hint = path, redo(stage.name)
     if i < last and cfg.stage != "all":  # `--stage LATER`: this one must be there already
       if stage.model == "teacher" and cfg.teacher_ckpt:
-        src, hint, ok = (cfg.teacher_ckpt, "give the teacher/ dir of another finished run",
-                         checkpoint.is_model_checkpoint(cfg.teacher_ckpt))
+        src, hint = cfg.teacher_ckpt, "give the teacher/ dir of another finished run"
+        done = checkpoint.is_model_checkpoint(src)
       else:
-        src, hint = path, redo(stage.name)
-        ok = checkpoint.has_model(src, hint=hint)
-      if not ok:
+        done = checkpoint.has_model(src, hint=hint)
+      if not done:
         what = "--teacher-ckpt " if stage.model == "teacher" else ""
         raise errors.UserError(f"{what}{src}: no {stage.model} checkpoint; run --stage "
                                f"{stage.name} first or give the {stage.model}/ dir of a "
                                "finished run")
-      models[stage.model], meta = methods.load_stage_model(stage, src, frozen, scan_impl=scan_impl,
-                                                   hint=hint)
-      epochs[stage.name] = meta.get("epochs", 0)
-      walls[stage.name] = meta.get("wall_time_s", 0.0)
-      continue
-    if checkpoint.has_model(path, hint=redo(stage.name)):
+    elif checkpoint.has_model(path, hint=hint):
       log(f"{stage.name}: done already, loading {path}")
-      models[stage.model], meta = methods.load_stage_model(stage, path, frozen, scan_impl=scan_impl,
-                                                   hint=redo(stage.name))
-      epochs[stage.name] = meta.get("epochs", stage.epochs)
-      walls[stage.name] = meta.get("wall_time_s", 0.0)
+    else:
+      model, model_cfg = stage.build(frozen, shapes, cfg.seed)
+      log(_param_count_line(stage, model, cfg))
+      model, wall = train_stage(stage, i, rd, model, workdir, log, frozen)
+      trained_now = True
+      checkpoint.save_model(path, model, model_cfg, dict(
+          meta_common, stage=stage.name, epochs=stage.epochs, wall_time_s=wall),
+          inputs=saved_inputs(rd))
+      log(f"{stage.name}: {wall:.1f} s, {stage.model} saved to {path}")
+      models[stage.model], epochs[stage.name], walls[stage.name] = model, stage.epochs, wall
       continue
-    model, model_cfg = stage.build(frozen, shapes, cfg.seed)
-    log(_param_count_line(stage, model, cfg))
-    model, wall = train_stage(stage, i, rd, model, workdir, log, frozen)
-    trained_now = True
-    checkpoint.save_model(path, model, model_cfg, dict(
-        meta_common, stage=stage.name, epochs=stage.epochs, wall_time_s=wall),
-        inputs=saved_inputs(rd))
-    log(f"{stage.name}: {wall:.1f} s, {stage.model} saved to {path}")
-    models[stage.model], epochs[stage.name], walls[stage.name] = model, stage.epochs, wall
+    models[stage.model], meta = methods.load_stage_model(stage, src, frozen,
+                                                         scan_impl=scan_impl, hint=hint)
+    epochs[stage.name] = meta.get("epochs", stage.epochs)
+    walls[stage.name] = meta.get("wall_time_s", 0.0)
   if cfg.method == "dpmamba" and len(stages) == 1:
     log("distill: skipped (one modality: no missing-modality scenario; the teacher is the net)")
 
