@@ -31,7 +31,7 @@ NORMALIZE = ("none", "standard")
 MODEL_PRESETS = ("paper", "tiny")
 # The training methods (methods.py registers one Method per name; tests/test_methods.py checks
 # that the two lists agree): DPMamba and the comparison methods of the paper's Table 1.
-METHODS = ("dpmamba", "shaspec", "dgdnet", "mshnet")
+METHODS = ("dpmamba", "shaspec", "dgdnet", "mshnet", "hct", "sal2rn", "crosshl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,9 @@ class RunConfig:
   include_train_in_test: bool = False    # the authors test on all labelled pixels (spec §7.1.2)
   normalize: str = "standard"            # standard (z-score on train pixels) | none (the authors)
   pca_fit: str = "all"                   # all pixels (the authors) | train
-  pca: Optional[str] = None              # raw: every band (no PCA); None: the dataset's PCA
+  pca: Optional[str] = None              # None: the dataset's PCA; raw: every band; N: the
+                                         # first modality's N PCA components; raw+N: its bands,
+                                         # then N components (data.pca_override)
   train_per_class: Optional[int] = None
   synthetic_height: Optional[int] = None  # override the built-in scene's size (tests, demos)
   synthetic_width: Optional[int] = None
@@ -226,6 +228,24 @@ def parse_sets(items: Sequence[str]) -> dict:
   return out
 
 
+def _with_pca(spec, value: str):
+  """`spec` with the `pca` key applied: raw (every band of every modality), N (the first
+  modality, HSI, reduced to N whitened-PCA components) or raw+N (its bands, then N components)."""
+  keep, _, count = value.strip().rpartition("+") if "+" in value else ("", "", value.strip())
+  if count == "raw" and not keep:
+    return dataclasses.replace(spec, pca=tuple(None for _ in spec.pca), pca_keeps_bands=False)
+  if keep in ("", "raw") and count.isdigit() and int(count) >= 1:
+    n = int(count)
+    if n > spec.bands[0]:
+      raise errors.UserError(f"config pca={value}: {n} PCA components from the "
+                             f"{spec.modalities[0]}'s {spec.bands[0]} bands; expected at most "
+                             f"{spec.bands[0]}")
+    return dataclasses.replace(spec, pca=(n,) + tuple(None for _ in spec.pca[1:]),
+                               pca_keeps_bands=keep == "raw")
+  raise errors.UserError(f"config pca={value!r}: expected raw (every band), N (the first "
+                         f"modality's N PCA components) or raw+N (its bands, then N components)")
+
+
 def resolve(overrides: dict, method_defaults: Callable[[str, str], dict] | None = None
             ) -> tuple[RunConfig, Any]:
   """Fills every None key from the dataset spec and validates. Returns (config, spec).
@@ -261,10 +281,8 @@ def resolve(overrides: dict, method_defaults: Callable[[str, str], dict] | None 
     d["modalities"] = None if mods == spec.modalities else ",".join(mods)
     spec = subsets.restrict_spec(spec, mods)
   if d.get("pca") is not None:
-    if d["pca"] != "raw":
-      raise errors.UserError(f"config pca={d['pca']!r}: expected raw (every band, no PCA) or "
-                             "unset (the dataset's PCA)")
-    spec = dataclasses.replace(spec, pca=tuple(None for _ in spec.pca))
+    d["pca"] = str(d["pca"])
+    spec = _with_pca(spec, d["pca"])
   fill = dict(train_per_class=spec.train_per_class, batch_size=spec.batch_size,
               lr=spec.lr, weight_decay=spec.weight_decay, grad_clip=spec.grad_clip, eps=spec.eps,
               betas_pretrain=tuple(spec.betas_pretrain), betas_distill=tuple(spec.betas_distill),

@@ -37,10 +37,27 @@ class Shapes:
   patch_size: int
   modalities: tuple[str, ...]   # names, in the dataset's order (HSI first)
   text_dim: int                 # D of the class-text features (DPMamba's output width)
+  # per modality, the bands in the files; where the `pca` key keeps them (raw+N), a modality's
+  # channels are its raw_bands[m] bands, then bands[m] - raw_bands[m] PCA components
+  raw_bands: tuple[int, ...] = ()
 
   @property
   def num_modalities(self) -> int:
     return len(self.bands)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Shapes":
+    """Inverse of dataclasses.asdict (lists back to tuples; raw_bands absent in older runs)."""
+    return cls(bands=tuple(int(b) for b in d["bands"]), num_classes=int(d["num_classes"]),
+               patch_size=int(d["patch_size"]), modalities=tuple(d["modalities"]),
+               text_dim=int(d["text_dim"]), raw_bands=tuple(int(b) for b in d.get("raw_bands", ())))
+
+  @classmethod
+  def of(cls, spec, patch_size: int, text_dim: int = 0) -> "Shapes":
+    """The shapes of a dataset spec (data.DatasetSpec) at a patch size."""
+    return cls(bands=tuple(spec.model_bands), num_classes=spec.num_classes,
+               patch_size=int(patch_size), modalities=tuple(spec.modalities),
+               text_dim=int(text_dim), raw_bands=tuple(spec.bands))
 
 
 # loss(model, frozen models by stage model name, xs [(B, P, P, C_m)], keep (B, M), labels (B,),
@@ -61,6 +78,7 @@ class StepContext:
   cubes: Sequence[jax.Array]                 # padded scene cubes, replicated on the mesh
   z: jax.Array                               # (C, D) class-text features, replicated
   train_idx: np.ndarray                      # (N_train,) int32 flat pixel indices, host
+  train_labels: np.ndarray                   # (N_train,) int32 their classes, host
   to_device: Callable                        # host (B,) array -> the step's batch placement
   width: int
   patch_size: int
@@ -181,9 +199,8 @@ def supervised_step(loss: LossFn, keep_rule: KeepRule = all_present) -> StepFact
   return factory
 
 
-# build(bands, num_classes, patch_size, frozen, rngs) -> a comparison method's model
-PeerBuilder = Callable[[tuple[int, ...], int, int, Mapping[str, nnx.Module], nnx.Rngs],
-                       nnx.Module]
+# build(shapes, frozen, rngs) -> a comparison method's model
+PeerBuilder = Callable[[Shapes, Mapping[str, nnx.Module], nnx.Rngs], nnx.Module]
 
 
 def uniform_subsets(rng: jax.Array, batch: int, num_modalities: int) -> jax.Array:
@@ -206,14 +223,11 @@ def peer_stage(cfg: config.RunConfig, *, name: str, reads: tuple[str, ...] = (),
     keep_rule = uniform_subsets
 
   def build_stage(frozen, shapes: Shapes, seed: int):
-    model = build(shapes.bands, shapes.num_classes, shapes.patch_size, frozen,
-                  nnx.Rngs(seed + index))
+    model = build(shapes, frozen, nnx.Rngs(seed + index))
     return model, {"shapes": dataclasses.asdict(shapes)}
 
   def restore(saved: dict, frozen):
-    s = saved["shapes"]
-    return build(tuple(s["bands"]), int(s["num_classes"]), int(s["patch_size"]), frozen,
-                 nnx.Rngs(0))
+    return build(Shapes.from_json(saved["shapes"]), frozen, nnx.Rngs(0))
 
   def optim(steps_per_epoch: int) -> steps.OptimConfig:
     return steps.plain_optim_config(

@@ -21,8 +21,11 @@ from dpmamba_jax import method
 from dpmamba_jax import sharding
 from dpmamba_jax import steps
 from dpmamba_jax.model import network
+from dpmamba_jax.peers import crosshl
 from dpmamba_jax.peers import dgdnet
+from dpmamba_jax.peers import hct
 from dpmamba_jax.peers import mshnet
+from dpmamba_jax.peers import sal2rn
 from dpmamba_jax.peers import shaspec
 
 
@@ -123,8 +126,9 @@ DPMAMBA = method.Method(
             method.Scored("teacher", "Baseline (teacher, zero-filled)", ("teacher",),
                           lambda models: models["teacher"], zero_filled=True)))
 
-METHODS: dict[str, method.Method] = {m.name: m for m in (DPMAMBA, shaspec.METHOD,
-                                                          dgdnet.METHOD, mshnet.METHOD)}
+METHODS: dict[str, method.Method] = {m.name: m for m in (
+    DPMAMBA, shaspec.METHOD, dgdnet.METHOD, mshnet.METHOD, hct.METHOD, sal2rn.METHOD,
+    crosshl.METHOD)}
 
 
 def get(name: str) -> method.Method:
@@ -176,7 +180,7 @@ def load_for_prediction(model_dir: str, *, hint: str | None = None
       f"{name} models are read with their run's settings: restore the file")
   cfg = config_lib.RunConfig(**{k: config_lib.coerce(k, v, where="config.json")
                                 for k, v in saved.items() if k in config_lib.field_names()})
-  shapes = method.Shapes(**checkpoint.load_config(model_dir, hint=hint)["shapes"])
+  shapes = method.Shapes.from_json(checkpoint.load_config(model_dir, hint=hint)["shapes"])
   models: dict[str, nnx.Module] = {}
   for stage in meth.stages(cfg, shapes):
     path = os.path.join(workdir, stage.model)

@@ -188,6 +188,6 @@ def setup_compile_cache(enabled: bool = True) -> str | None:
   except OSError:
     return None
   jax.config.update("jax_compilation_cache_dir", d)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return d

@@ -94,9 +94,7 @@ def method_counts(name: str, dataset: str) -> dict:
   "batch_stats"}}} of a comparison method's models at its settings for `dataset` (abstract)."""
   cfg, spec = config_lib.resolve({"method": name, "dataset": dataset}, methods.defaults)
   meth = methods.get(name)
-  shapes = method_lib.Shapes(bands=tuple(spec.model_bands), num_classes=spec.num_classes,
-                             patch_size=cfg.patch_size, modalities=tuple(spec.modalities),
-                             text_dim=0)
+  shapes = method_lib.Shapes.of(spec, cfg.patch_size)
   why = meth.check(shapes)
   if why:
     raise UserError(f"--method {name}: {why}")

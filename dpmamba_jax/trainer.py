@@ -41,9 +41,7 @@ from dpmamba_jax.workdir import RunLog, check_workdir_config, make_workdir
 
 def shapes_of(rd: RunData) -> method_lib.Shapes:
   """The dataset shapes a method's models are built from."""
-  return method_lib.Shapes(bands=tuple(int(c.shape[-1]) for c in rd.cubes),
-                           num_classes=rd.spec.num_classes, patch_size=rd.patch_size,
-                           modalities=tuple(rd.spec.modalities), text_dim=int(rd.z.shape[1]))
+  return method_lib.Shapes.of(rd.spec, rd.patch_size, int(rd.z.shape[1]))
 
 
 def _sampler(stage: method_lib.Stage, rd: RunData, seed: int):
@@ -95,7 +93,8 @@ def train_stage(stage: method_lib.Stage, index: int, rd: RunData, model: nnx.Mod
   t0 = time.time()
   run = stage.step(method_lib.StepContext(
       graphdef=graphdef, tx=tx, schedule=sched, frozen=frozen, cubes=cubes, z=z,
-      train_idx=rd.split.train_idx.astype(np.int32), to_device=to_device, width=rd.width,
+      train_idx=rd.split.train_idx.astype(np.int32), train_labels=rd.train_labels,
+      to_device=to_device, width=rd.width,
       patch_size=rd.patch_size, batch_size=sampler.batch_size,
       num_modalities=rd.spec.num_modalities, mesh=mesh, log=log))
   window: list = []
@@ -229,9 +228,7 @@ def _stages_to_run(cfg, stages: tuple[method_lib.Stage, ...]) -> int:
 def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
   """One seed: the method's stages (resuming), then evaluation and maps. Returns metrics."""
   meth = methods.get(cfg.method)
-  why = meth.check(method_lib.Shapes(bands=tuple(spec.model_bands),
-                                     num_classes=spec.num_classes, patch_size=cfg.patch_size,
-                                     modalities=tuple(spec.modalities), text_dim=0))
+  why = meth.check(method_lib.Shapes.of(spec, cfg.patch_size))
   if why:  # before anything is written
     raise errors.UserError(f"--method {meth.name}: {why}")
   workdir = os.path.abspath(cfg.workdir)

@@ -29,10 +29,11 @@ def georef(shape, transform=TRANSFORM, wkt=None) -> rasters.GeoRef:
   return rasters.GeoRef(crs_wkt=wkt or crs_wkt(), transform=tuple(transform), shape=tuple(shape))
 
 
-def make_arrays(height: int = 24, width: int = 30, seed: int = 2):
-  """(HSI (H, W, 8) uint16 reflectance-like, LiDAR (H, W) float32, labels (H, W) uint8)."""
+def make_arrays(height: int = 24, width: int = 30, seed: int = 2, hsi_bands: int = HSI_BANDS):
+  """(HSI (H, W, hsi_bands) uint16 reflectance-like, LiDAR (H, W) float32, labels (H, W)
+  uint8)."""
   cfg = synthetic.SyntheticConfig(height=height, width=width, num_classes=len(CLASSES),
-                                  bands=(HSI_BANDS, 1), seed=seed, parcel_area=30.0,
+                                  bands=(hsi_bands, 1), seed=seed, parcel_area=30.0,
                                   unlabelled_fraction=0.1)
   (hsi, lidar), labels = synthetic.generate(cfg)
   hsi = np.clip(np.round((hsi - hsi.min()) * 400.0 + 100.0), 0, 65000).astype(np.uint16)
@@ -41,7 +42,7 @@ def make_arrays(height: int = 24, width: int = 30, seed: int = 2):
 
 def write_scene(folder, *, height: int = 24, width: int = 30, seed: int = 2,
                 lidar_format: str = "envi", hsi_nodata=None, nodata_box=None, hsi_pca=None,
-                yaml_extra=None, train=None) -> pathlib.Path:
+                yaml_extra=None, train=None, hsi_bands: int = HSI_BANDS) -> pathlib.Path:
   """Writes hsi.tif (GeoTIFF), lidar.hdr/.img (ENVI; or lidar.tif), gt.tif and scene.yaml into
   `folder`; returns the YAML's path.
 
@@ -50,7 +51,7 @@ def write_scene(folder, *, height: int = 24, width: int = 30, seed: int = 2,
   """
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  hsi, lidar, labels = make_arrays(height, width, seed)
+  hsi, lidar, labels = make_arrays(height, width, seed, hsi_bands)
   if nodata_box is not None:
     r0, r1, c0, c1 = nodata_box
     hsi[r0:r1, c0:c1] = hsi_nodata

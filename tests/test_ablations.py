@@ -297,3 +297,44 @@ def test_report_train_command_and_errors(tmp_path):
   assert report.applicable("lidar-net", datasets.get_spec("trento"))
   assert not report.applicable("sar-net", datasets.get_spec("trento"))
   assert report.main(["--runs-root", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_table1_with_the_comparison_methods(tmp_path):
+  """--table1: the peers' rows under their scenario groups, the fusion methods zero-filled as
+  extra lines, a peer's cells from its own metrics key; a peer that cannot take a dataset is
+  not run (two-modality methods on augsburg3)."""
+  report = _report()
+
+  def peer(key, oa, epochs):
+    s = {"OA": oa, "AA": oa - 1, "kappa": oa - 2, "per_class": [], "confusion": []}
+    return {"dataset": "trento", "seed": 0, "method": key, "epochs": epochs,
+            key: {"complete": s, "without:HSI": dict(s, OA=oa - 30),
+                  "without:LiDAR": dict(s, OA=oa - 5)}, "wall_time_s": {}}
+  runs = {"dpmamba": _fake_metrics(0, 90.0, 91.0),
+          "shaspec": peer("shaspec", 95.0, {"model": 7}),
+          "hct": peer("hct", 97.0, {"model": 9}),
+          "hct-dropout": peer("hct", 93.0, {"model": 9})}
+  for variant, m in runs.items():
+    wd = tmp_path / "trento" / variant / "seed0"
+    wd.mkdir(parents=True)
+    (wd / "metrics.json").write_text(json.dumps(m))
+  out = tmp_path / "r.md"
+  assert report.main(["--runs-root", str(tmp_path), "--seeds", "0", "--table1",
+                      "--out", str(out)]) == 0
+  text = out.read_text()
+  rows = [l for l in text.splitlines() if l.startswith("| ")]
+  w_o_hsi = rows.index(next(r for r in rows if "W/o HSI" in r))
+  group = rows[w_o_hsi + 1:w_o_hsi + 9]
+  assert [r.split(" | ")[0][2:] for r in group] == [
+      "Baseline (teacher, zero-filled)", "ShaSpec", "DGDNet", "MSH-Net", "DPMamba (ours)",
+      "HCT (zero-filled)", "Sal2RN (zero-filled)", "Cross-HL (zero-filled)"]
+  assert "| ShaSpec | HSI, LiDAR | LiDAR | 65.00 |" in text
+  assert "| HCT (zero-filled) | HSI, LiDAR | LiDAR | 67.00 |" in text
+  assert "| HCT + modality dropout (zero-filled) | HSI, LiDAR | LiDAR | 63.00 |" in text
+  assert "| HCT | HSI, LiDAR | HSI, LiDAR | 97.00 |" in text
+  assert "ShaSpec 7; HCT 9; HCT + modality dropout 9" in text
+  assert report.applicable("mshnet", datasets.get_spec("augsburg3"))
+  assert not report.applicable("shaspec", datasets.get_spec("augsburg3"))
+  cmd = " ".join(report.train_command(str(tmp_path), "trento", "crosshl-dropout", 0, epochs=2))
+  assert "--set method=crosshl --set modality_dropout=true" in cmd and "--epochs 2" in cmd
+  assert report.main(["--runs-root", str(tmp_path), "--table1", "--variants", "hct"]) == 2

@@ -26,11 +26,12 @@ def _bench_synthetic(capsys, *extra):
 
 @pytest.mark.slow
 def test_bench_json_on_the_synthetic_dataset(tmp_path, capsys):
-  """Fresh worker processes at the synthetic dataset's real shapes: every promised key is a
-  positive number, and inference ran as the concurrent calls asked for. Run twice with one
-  compile cache: the first start is cold, the second hits the cache."""
+  """Fresh worker processes at the synthetic dataset's shapes (the model's widths tiny): every
+  promised key is a positive number, and inference ran as the concurrent calls asked for. Run
+  twice with one compile cache: the first start is cold, the second hits the cache."""
   cache = str(tmp_path / "xla")
-  result = _bench_synthetic(capsys, "--compile-cache", cache)
+  result = _bench_synthetic(capsys, "--compile-cache", cache, "--tiny")
+  assert result["tiny"] is True and result["against_authors"] == {}
   row = result["per_dataset"]["synthetic"]
   assert set(bench.KEYS) <= set(row)
   assert all(row[k] > 0 for k in ("teacher_step_s", "student_step_s", "infer_patches_per_s",
@@ -40,8 +41,8 @@ def test_bench_json_on_the_synthetic_dataset(tmp_path, capsys):
   assert full["infer_calls"] == 2 and full["infer_batch"] == 64
   assert full["teacher_features_s"] > 0 and full["teacher_features_pixels"] > 0
   assert row["compile_cache_warm"] is False
-  assert _bench_synthetic(capsys, "--compile-cache", cache)["per_dataset"]["synthetic"][
-      "compile_cache_warm"] is True
+  assert _bench_synthetic(capsys, "--compile-cache", cache, "--tiny")["per_dataset"][
+      "synthetic"]["compile_cache_warm"] is True
 
 
 @pytest.mark.slow
@@ -64,7 +65,8 @@ def test_bench_rejects_bad_counts(capsys):
 
 def test_bench_rejects_unknown_methods_and_a_scan_impl_for_a_comparison_method(capsys):
   for argv, why in ((["--method", "nope"], "expected one of dpmamba"),
-                    (["--method", "dgdnet", "--scan-impl", "recurrent"], "not for --method")):
+                    (["--method", "dgdnet", "--scan-impl", "recurrent"], "not for --method"),
+                    (["--method", "hct", "--tiny"], "--tiny: DPMamba's")):
     assert bench.main(argv) == 2
     assert why in capsys.readouterr().err
 

@@ -528,3 +528,21 @@ def test_trento_official_split():
   assert s.test_idx.size == 29395
   sampler = data.BalancedSampler(data.labels_at(scene.labels, s.train_idx), 6, 120, seed=0)
   assert sampler.steps == 105 // 20
+
+
+def test_pca_keeping_the_bands_puts_the_components_after_them():
+  hsi, lidar, labels = tiny_arrays()
+  split = data.make_split(labels, 4, seed=0)
+  pca_only = data.Scene(tiny_spec(bands=(5, 1), pca=(3, None)), [hsi, lidar[..., None]],
+                        labels.astype(np.int32), "test")
+  raw_only = dataclasses.replace(pca_only, spec=tiny_spec(bands=(5, 1)))
+  both = dataclasses.replace(pca_only, spec=tiny_spec(bands=(5, 1), pca=(3, None),
+                                                        pca_keeps_bands=True))
+  assert both.spec.model_bands == (8, 1)
+  transform = data.fit_transform(both, split)
+  out = transform.apply(both.cubes)
+  chex.assert_shape(out, [(H, W, 8), (H, W, 1)])
+  np.testing.assert_allclose(out[0][..., :5], data.preprocess(raw_only, split)[0], atol=1e-5)
+  np.testing.assert_allclose(out[0][..., 5:], data.preprocess(pca_only, split)[0], atol=1e-5)
+  again = data.InputTransform.from_json(json.loads(json.dumps(transform.to_json())))
+  np.testing.assert_array_equal(again.apply(both.cubes)[0], out[0])

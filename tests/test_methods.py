@@ -15,8 +15,11 @@ from cli_errors import private_text_cache
 from dpmamba_jax import config, evaluate, masks, methods, predict, steps, train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "peers"
-PEERS = ("shaspec", "dgdnet", "mshnet")
-ONE_EPOCH = ["--epochs", "1", "--text-encoder", "random", "--no-compile-cache", "--quiet",
+PEERS = ("shaspec", "dgdnet", "mshnet", "hct", "sal2rn", "crosshl")
+STAGES = {"shaspec": 1, "dgdnet": 2, "mshnet": 7, "hct": 1, "sal2rn": 2, "crosshl": 1}
+# the scene has 12 HSI bands: HCT's and Sal2RN's PCA (30, raw+48) scaled down to it
+PEER_ARGS = {"hct": ["--set", "pca=6"], "sal2rn": ["--set", "pca=raw+4"]}
+ONE_EPOCH = ["--epochs", "1", "--text-encoder", "random", "--quiet",
              "--set", "eval_batch=256", "--set", "batch_size=24", "--set", "train_per_class=8"]
 
 _cache_dir = pytest.fixture(scope="module", autouse=True)(private_text_cache)
@@ -111,14 +114,14 @@ def test_random_subsets_are_uniform_over_nonempty_subsets():
 
 @pytest.fixture(scope="module")
 def scene_yaml(tmp_path_factory):
-  return scene_files.write_scene(tmp_path_factory.mktemp("scene"))
+  return scene_files.write_scene(tmp_path_factory.mktemp("scene"), hsi_bands=12)
 
 
 @pytest.fixture(scope="module", params=PEERS)
 def peer_run(request, tmp_path_factory, scene_yaml, _cache_dir):
   w = tmp_path_factory.mktemp(request.param) / "run"
   assert train.main(["--method", request.param, "--dataset-file", str(scene_yaml),
-                     "--workdir", str(w), *ONE_EPOCH]) == 0
+                     "--workdir", str(w), *ONE_EPOCH, *PEER_ARGS.get(request.param, [])]) == 0
   return request.param, w
 
 
@@ -135,14 +138,17 @@ def test_peer_trains_evaluates_and_predicts(capsys, tmp_path, peer_run, scene_ya
   assert metrics["method"] == name
   scenarios = {s for s, _ in masks.eval_scenarios(("HSI", "LiDAR"))}
   assert set(metrics[name]) == scenarios
-  assert len(metrics["epochs"]) == {"shaspec": 1, "dgdnet": 2, "mshnet": 7}[name]
+  assert len(metrics["epochs"]) == STAGES[name]
   for stage, epochs in metrics["epochs"].items():  # every stage trained, its model saved
     assert epochs == 1 and (w / stage / "state").is_dir()
   for s in scenarios:
     assert 0.0 <= metrics[name][s]["OA"] <= 100.0
-  assert f"| {m.title} |" in (w / "metrics.md").read_text()
+  table = (w / "metrics.md").read_text()
+  assert f"| {m.title} |" in table
+  # complete-input methods are scored with the missing input zero-filled, and say so
+  assert (f"| {m.title} (zero-filled) |" in table) == (name in ("hct", "sal2rn", "crosshl"))
   # evaluate reproduces the run's numbers
-  rc, _, err = run_cli(capsys, evaluate.main, ["--workdir", str(w), "--no-compile-cache"])
+  rc, _, err = run_cli(capsys, evaluate.main, ["--workdir", str(w)])
   assert rc == 0, err
   again = json.loads((w / "metrics.json").read_text())
   for s in scenarios:

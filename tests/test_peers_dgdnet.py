@@ -13,6 +13,7 @@ import pytest
 from conftest import parity_dir
 from flax import nnx
 
+from dpmamba_jax import method
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import dgdnet
 
@@ -61,8 +62,10 @@ class Golden:
     self.labels = jnp.asarray(self.d["inputs/labels"], jnp.int32)
 
   def abstract(self):
-    return nnx.eval_shape(lambda: dgdnet.build_student(
-        self.bands, self.meta["classes"], self.meta["patch_size"], {}, nnx.Rngs(0)))
+    shapes = method.Shapes(bands=tuple(self.bands), num_classes=int(self.meta["classes"]),
+                           patch_size=int(self.meta["patch_size"]), modalities=("HSI", "LiDAR"),
+                           text_dim=0)
+    return nnx.eval_shape(lambda: dgdnet.build_student(shapes, {}, nnx.Rngs(0)))
 
   def student(self, params=None):
     """All variables NaN, then the file's weights: a variable the importer missed shows."""

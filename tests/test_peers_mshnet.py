@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import parity_dir
+from dpmamba_jax import method
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import mshnet as msh
 
@@ -310,6 +311,11 @@ def test_built_ensemble_starts_as_the_student(golden, loaded):
 
 # --------------------------------------------------------------- stages, M = 3, errors, jit
 
+def _shapes(bands, num_classes, patch_size):
+  return method.Shapes(bands=bands, num_classes=num_classes, patch_size=patch_size,
+                       modalities=("HSI", "SAR", "LiDAR")[:len(bands)], text_dim=0)
+
+
 def test_stage_lists():
   assert msh.stages(2) == ("teacher", "single_hsi", "single_lidar", "student_hsi",
                            "student_lidar", "ensemble_hsi", "ensemble_lidar")
@@ -321,11 +327,11 @@ def test_stage_lists():
     with pytest.raises(ValueError, match="2 or 3 modalities"):
       msh.build_teacher((5,) * m, 3, 5, {}, nnx.Rngs(0))
   with pytest.raises(ValueError, match="no modality 'sar'"):
-    msh.build_single_sar((5, 1), 3, 5, {}, nnx.Rngs(0))
+    msh.build_single_sar(_shapes((5, 1), 3, 5), {}, nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown MSH-Net stage"):
     msh.stage_loss("teachers")
   with pytest.raises(KeyError, match="student_hsi"):
-    msh.build_ensemble_hsi((5, 1), 3, 5, {}, nnx.Rngs(0))
+    msh.build_ensemble_hsi(_shapes((5, 1), 3, 5), {}, nnx.Rngs(0))
 
 
 def numpy_init(build, seed: int) -> nnx.Module:

@@ -207,8 +207,8 @@ def _infer_rates(predictor, scene, z, n_pixels: int, rng, batches: Sequence[int]
   return by_batch
 
 
-def build(dataset: str, scan_impl: str = "auto",
-          infer_calls: int | None = None) -> types.SimpleNamespace:
+def build(dataset: str, scan_impl: str = "auto", infer_calls: int | None = None,
+          tiny: bool = False) -> types.SimpleNamespace:
   """The real jitted steps at a dataset's shapes, on random inputs (also used by profile_step).
 
   Returns a namespace: spec, cfg, cubes (padded random scene per modality), z (class text
@@ -217,6 +217,7 @@ def build(dataset: str, scan_impl: str = "auto",
   teacher_features (steps.make_teacher_features of the teacher at the train batch),
   predictor(params, rest) (a inference.Predictor of the student with that state, at most
   `infer_calls` concurrent calls per batch; None: the backend's default), scene (H, W) and rng.
+  tiny: ModelConfig.tiny's widths (hidden, depth, out_dim) at the dataset's bands and patch.
   """
   # jax after the parent process set the workers' XLA flags and malloc tunable
   import jax
@@ -230,6 +231,9 @@ def build(dataset: str, scan_impl: str = "auto",
 
   spec = datasets.get_spec(dataset)
   cfg = network.ModelConfig.for_dataset(spec, scan_impl=scan_impl)
+  if tiny:
+    small = network.ModelConfig.tiny()
+    cfg = cfg.replace(hidden=small.hidden, depth=small.depth, out_dim=small.out_dim)
   p, bsz, n_cls = spec.patch_size, spec.batch_size, spec.num_classes
   h, w = spec.scene_shape or DEFAULT_SCENES.get(spec.name, (128, 128))
   r = p // 2
@@ -260,7 +264,7 @@ def build(dataset: str, scan_impl: str = "auto",
 
 
 def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Sequence[int],
-            infer_calls: int | None = None) -> dict:
+            infer_calls: int | None = None, tiny: bool = False) -> dict:
   """Benchmarks one (dataset, scan impl) in this process. Returns the KEYS dict (+ context)."""
   import jax
   import jax.numpy as jnp
@@ -270,7 +274,7 @@ def run_one(dataset: str, scan_impl: str, steps_n: int, infer_batch: int | Seque
 
   runtime.release_memory_after_compiles()  # as the CLIs do
 
-  env = build(dataset, scan_impl, infer_calls)
+  env = build(dataset, scan_impl, infer_calls, tiny)
   spec, cfg, cubes, z, idx, labels, rng = (env.spec, env.cfg, env.cubes, env.z, env.idx,
                                            env.labels, env.rng)
   p, bsz = spec.patch_size, spec.batch_size
@@ -374,8 +378,7 @@ def run_method(name: str, dataset: str, steps_n: int, infer_batch: Sequence[int]
   meth = methods.get(name)
   cfg, spec = config.resolve({"method": name, "dataset": dataset}, methods.defaults)
   p, n_cls = cfg.patch_size, spec.num_classes
-  shapes = method.Shapes(bands=tuple(spec.model_bands), num_classes=n_cls, patch_size=p,
-                         modalities=tuple(spec.modalities), text_dim=1)
+  shapes = method.Shapes.of(spec, p, text_dim=1)
   why = meth.check(shapes)
   if why:
     raise errors.UserError(f"--method {name}: {why}")
@@ -402,7 +405,8 @@ def run_method(name: str, dataset: str, steps_n: int, infer_batch: Sequence[int]
     box = {"s": state.replace(params=copy(state.params), batch_stats=copy(state.batch_stats))}
     run = stage.step(method.StepContext(
         graphdef=graphdef, tx=tx, schedule=sched, frozen=frozen, cubes=cubes, z=z,
-        train_idx=train_idx, to_device=jnp.asarray, width=w, patch_size=p,
+        train_idx=train_idx, train_labels=train_labels, to_device=jnp.asarray, width=w,
+        patch_size=p,
         batch_size=sampler.batch_size, num_modalities=shapes.num_modalities, mesh=None,
         log=lambda _: None))
     rows = sampler.epoch(0)[0]
@@ -443,6 +447,8 @@ def _subprocess(dataset: str, impl: str, args) -> dict:
     cmd += ["--infer-batch", str(b)]
   if args.infer_calls is not None:
     cmd += ["--infer-calls", str(args.infer_calls)]
+  if args.tiny:
+    cmd += ["--tiny"]
   env = dict(os.environ)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -516,6 +522,10 @@ def main(argv=None) -> int:
   ap.add_argument("--compile-cache", metavar="DIR", default=None,
                   help="use JAX's persistent compilation cache in DIR (as the CLIs do); run twice "
                        "to time the first step with a warm cache")
+  ap.add_argument("--tiny", action="store_true",
+                  help="DPMamba at ModelConfig.tiny's widths (hidden 16, depth 2, out 32), the "
+                       "dataset's bands, patch, batch and scene: a smoke check of the tool, not "
+                       "the model's speed")
   ap.add_argument("--json", action="store_true", help="print only the JSON")
   ap.add_argument("--out", help="also write the JSON here")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -530,6 +540,8 @@ def main(argv=None) -> int:
     raise errors.UserError(f"--method {args.method}: expected one of {', '.join(config.METHODS)}")
   if args.method != "dpmamba" and args.scan_impl:
     raise errors.UserError(f"--scan-impl: DPMamba's selective scan; not for --method {args.method}")
+  if args.method != "dpmamba" and args.tiny:
+    raise errors.UserError(f"--tiny: DPMamba's small widths; not for --method {args.method}")
   names = args.dataset or ["trento"]
   for n in names:
     datasets.get_spec(n)  # UserError for unknown names
@@ -550,7 +562,8 @@ def main(argv=None) -> int:
       os.environ["DPMAMBA_XLA_CACHE_DIR"] = args.compile_cache
       runtime.setup_compile_cache(True)
     if args.method == "dpmamba":
-      row = run_one(names[0], impls[0], args.steps, args.infer_batch, args.infer_calls)
+      row = run_one(names[0], impls[0], args.steps, args.infer_batch, args.infer_calls,
+                    args.tiny)
     else:
       row = run_method(args.method, names[0], args.steps, args.infer_batch, args.infer_calls)
     row["compile_cache"] = args.compile_cache
@@ -561,8 +574,9 @@ def main(argv=None) -> int:
   rows = [_subprocess(n, i, args) for n in names for i in (impls if dpmamba else impls[:1])]
   per_dataset = {r["dataset"]: {k: r[k] for k in KEYS + ("compile_cache_warm", "backend")}
                  for r in rows if dpmamba and "error" not in r and r["scan_impl"] == impls[0]}
-  result = {"machine": f"{os.cpu_count()} CPU cores", "results": rows,
-            "per_dataset": per_dataset, "against_authors": against_authors(per_dataset)}
+  result = {"machine": f"{os.cpu_count()} CPU cores", "tiny": args.tiny, "results": rows,
+            "per_dataset": per_dataset,
+            "against_authors": {} if args.tiny else against_authors(per_dataset)}
   text = json.dumps(result, indent=1)
   if args.out:
     fileio.write_text(args.out, text + "\n")  # atomic

@@ -3,6 +3,8 @@
   python tools/report.py --runs-root runs/grid --dataset trento \\
       --data-dir ../shared/data/trento-semireal --seeds 0 1 2 --run [--epochs 100]
   python tools/report.py --runs-root runs/grid            # collect only: tables from metrics.json
+  python tools/report.py --runs-root runs/table1 --dataset trento \
+      --data-dir ../shared/data/trento-semireal --seeds 0 --table1 --run   # with the peers
 
 Grid: datasets x variants x seeds; run (dataset, variant, seed) lives in
 <runs-root>/<dataset>/<variant>/seed<s>/ and is a normal `python -m dpmamba_jax.train` run (in a
@@ -14,7 +16,11 @@ deterministic, so this equals training their own teacher, at half the cost.
 
 Tables (Markdown, written to --out, default <runs-root>/report.md):
   Table 1: single-modality nets, then per scenario the Baseline (teacher, zero-filled) and
-    DPMamba; datasets with the same number of modalities side by side.
+    DPMamba; datasets with the same number of modalities side by side. With --table1 (or peer
+    --variants) also the paper's comparison methods (`--method`, at their own settings): ShaSpec,
+    DGDNet and MSH-Net under the missing-modality scenarios, HCT, Sal2RN and Cross-HL under
+    complete modalities, and as extra lines the fusion methods zero-filled and trained with
+    modality dropout.
   Table 2: per dataset, Baseline vs DPMamba for every scenario.
   Table 3: the ablation variants and DPMamba over the missing-modality scenarios (plus complete).
 Cells are mean ± std (sample std) over the seeds found (a bare value for one run); "—" where no
@@ -38,7 +44,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from dpmamba_jax import errors, fileio  # noqa: E402
+from dpmamba_jax import config, errors, fileio, methods  # noqa: E402
+from dpmamba_jax import method as method_lib  # noqa: E402
 from dpmamba_jax.data import datasets  # noqa: E402
 from dpmamba_jax import masks as masks_lib  # noqa: E402
 
@@ -54,20 +61,52 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hsi-net": ("HSI-Net", ("modalities=HSI",)),
     "lidar-net": ("LiDAR-Net", ("modalities=LiDAR",)),
     "sar-net": ("SAR-Net", ("modalities=SAR",)),
+    # the paper's comparison methods (dpmamba_jax/peers/), at their own settings
+    "shaspec": ("ShaSpec", ("method=shaspec",)),
+    "dgdnet": ("DGDNet", ("method=dgdnet",)),
+    "mshnet": ("MSH-Net", ("method=mshnet",)),
+    "hct": ("HCT", ("method=hct",)),
+    "sal2rn": ("Sal2RN", ("method=sal2rn",)),
+    "crosshl": ("Cross-HL", ("method=crosshl",)),
+    "hct-dropout": ("HCT + modality dropout", ("method=hct", "modality_dropout=true")),
+    "sal2rn-dropout": ("Sal2RN + modality dropout", ("method=sal2rn", "modality_dropout=true")),
+    "crosshl-dropout": ("Cross-HL + modality dropout",
+                        ("method=crosshl", "modality_dropout=true")),
 }
 SHARED_TEACHER = ("variant1", "variant3")  # only the student differs from dpmamba
 ABLATIONS = ("variant1", "variant2a", "variant2b", "variant2c", "variant3", "dpmamba")
 NETS = {"HSI": "hsi-net", "LiDAR": "lidar-net", "SAR": "sar-net"}
+MISSING_PEERS = ("shaspec", "dgdnet", "mshnet")    # built for missing modalities
+FUSION_PEERS = ("hct", "sal2rn", "crosshl")        # complete inputs; scored zero-filled
+DROPOUT_PEERS = tuple(f"{p}-dropout" for p in FUSION_PEERS)
+PEERS = MISSING_PEERS + FUSION_PEERS + DROPOUT_PEERS
+# --table1: the paper's Table 1 with every comparison method
+TABLE1 = ("dpmamba", "hsi-net", "lidar-net", "sar-net") + PEERS
+# without --variants or --table1: the DPMamba grid (Tables 1-3 without the comparison methods)
+DPMAMBA_GRID = tuple(v for v in VARIANTS if v not in PEERS)
 BASELINE = "Baseline (teacher, zero-filled)"
 DASH = "—"
 
 
+def method_of(variant: str) -> str:
+  """The --method a variant runs (dpmamba unless its switches name another)."""
+  return next((s.split("=", 1)[1] for s in VARIANTS[variant][1] if s.startswith("method=")),
+              "dpmamba")
+
+
 def applicable(variant: str, spec) -> bool:
-  """Single-modality nets need their modality (and a multimodal dataset); the rest always run."""
+  """Single-modality nets need their modality (and a multimodal dataset); a comparison method
+  needs a dataset it takes (its `check`); the rest always run."""
   for mod, name in NETS.items():
     if variant == name:
       return mod in spec.modalities and spec.num_modalities > 1
-  return variant in VARIANTS
+  if variant not in VARIANTS:
+    return False
+  name = method_of(variant)
+  if name == "dpmamba":
+    return True
+  cfg, resolved = config.resolve({"method": name, "dataset": spec.name}, methods.defaults)
+  return methods.get(name).check(method_lib.Shapes.of(resolved, cfg.patch_size)) is None
 
 
 def workdir(root: str, dataset: str, variant: str, seed: int) -> str:
@@ -121,12 +160,16 @@ def run_grid(root: str, dataset_names: Sequence[str], variants: Sequence[str],
                             maps=maps, extra=extra)
         log(f"[{dataset}/{variant}/seed{seed}] {shlex.join(cmd[1:])}")
         t0 = time.time()
-        rc = subprocess.call(cmd, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        proc.returncode = rc
         if rc != 0:
           failed.append(f"{dataset}/{variant}/seed{seed}")
           log(f"[{dataset}/{variant}/seed{seed}] FAILED (exit {rc}); see {wd}/log.jsonl")
-        else:
-          log(f"[{dataset}/{variant}/seed{seed}] {time.time() - t0:.0f} s")
+        else:  # ru_maxrss: KiB on Linux
+          log(f"[{dataset}/{variant}/seed{seed}] {time.time() - t0:.0f} s, peak RSS "
+              f"{usage.ru_maxrss / 2**20:.2f} GB")
   return failed
 
 
@@ -167,8 +210,12 @@ def cell(runs: Sequence[dict], key: str, scenario: str, metric: str, n_seeds: in
 
 
 def _model_key(variant: str) -> str:
-  # Single-modality nets have no student (DPMamba has no distill stage for one modality): the teacher is the net.
-  return "teacher" if variant in NETS.values() else "student"
+  """The metrics.json key of a variant's scored model: a comparison method's scored key (its
+  name); DPMamba's student; a single-modality net's teacher (one modality: no student stage)."""
+  if variant in NETS.values():
+    return "teacher"
+  name = method_of(variant)
+  return "student" if name == "dpmamba" else methods.get(name).scored[0].key
 
 
 def _present(modalities: Sequence[str], row) -> tuple[str, ...]:
@@ -190,8 +237,27 @@ def _joined(names: Sequence[str]) -> str:
   return "/".join(out)
 
 
-def table1(grid: dict, dataset_names: Sequence[str], n_seeds: int) -> str:
-  """Paper Table 1 layout for datasets with the same number of modalities, side by side."""
+def _scenario_rows(i: int, variants: Sequence[str]) -> list[tuple[str, str, str]]:
+  """(label, variant, metrics key) of Table 1's rows for scenario i (0 = complete): the paper's
+  methods of that group, then the extra lines (the fusion methods zero-filled or trained with
+  modality dropout; the missing-modality methods and the teacher on complete inputs)."""
+  def rows(names, suffix=""):
+    return [(VARIANTS[v][0] + suffix, v, _model_key(v)) for v in names if v in variants]
+  ours = [("DPMamba (ours)", "dpmamba", "student")]
+  if i == 0:
+    return (rows(FUSION_PEERS) + ours + rows(MISSING_PEERS) + rows(DROPOUT_PEERS) +
+            ([("Baseline (teacher)", "dpmamba", "teacher")] if any(
+                v in variants for v in PEERS) else []))
+  return ([(BASELINE, "dpmamba", "teacher")] + rows(MISSING_PEERS) + ours +
+          rows(FUSION_PEERS, " (zero-filled)") + rows(DROPOUT_PEERS, " (zero-filled)"))
+
+
+def table1(grid: dict, dataset_names: Sequence[str], n_seeds: int,
+           variants: Sequence[str] = ()) -> str:
+  """Paper Table 1 layout for datasets with the same number of modalities, side by side: the
+  single-modality nets, then per missing-modality scenario the zero-filled DPMamba teacher, the
+  missing-modality methods and DPMamba, and under complete modalities the fusion methods and
+  DPMamba (the comparison methods in `variants` only; the others' cells as extra lines)."""
   specs = [datasets.get_spec(d) for d in dataset_names]
   m = specs[0].num_modalities
   header = ["Method"]
@@ -225,11 +291,11 @@ def table1(grid: dict, dataset_names: Sequence[str], n_seeds: int) -> str:
       missing = [[mod for mod, keep in zip(s.modalities, sc[i][1]) if keep <= 0]
                  for s, sc in zip(specs, scen)]
       section("W/o " + " & ".join(_joined(names) for names in zip(*missing)) + " modality")
-    for label, key in ((BASELINE, "teacher"), ("DPMamba (ours)", "student")):
+    for label, variant, key in _scenario_rows(i, variants):
       cells = []
       for s, sc in zip(specs, scen):
         name, mrow = sc[i]
-        runs = grid.get((s.name, "dpmamba"), [])
+        runs = grid.get((s.name, variant), [])
         cells.append([", ".join(s.modalities), ", ".join(_present(s.modalities, mrow))] +
                      [cell(runs, key, name, k, n_seeds) for k, _ in METRICS])
       row(label, cells)
@@ -281,7 +347,7 @@ def table3(grid: dict, dataset_names: Sequence[str], variants: Sequence[str],
 
 def _notes(grid: dict, dataset_names, variants, seeds, epochs_requested) -> list[str]:
   notes = []
-  used = {}
+  used, peer_epochs = {}, {}
   missing = []
   for (dataset, variant), runs in grid.items():
     spec = datasets.get_spec(dataset)
@@ -291,6 +357,9 @@ def _notes(grid: dict, dataset_names, variants, seeds, epochs_requested) -> list
       missing.append(f"{dataset}/{variant} ({len(runs)}/{len(seeds)} seeds)")
     for r in runs:
       e = r.get("epochs", {})
+      if method_of(variant) != "dpmamba":
+        peer_epochs.setdefault(VARIANTS[variant][0], set()).update(int(v) for v in e.values())
+        continue
       used.setdefault(dataset, set()).update(
           int(v) for v in (e.get("pretrain"), e.get("distill")) if v)
   for dataset in dataset_names:
@@ -299,7 +368,11 @@ def _notes(grid: dict, dataset_names, variants, seeds, epochs_requested) -> list
     if es and es != [spec.epochs]:
       notes.append(f"{dataset}: shortened schedule, {'/'.join(map(str, es))} epochs per stage "
                    f"(the default for {dataset}: {spec.epochs}).")
-  if epochs_requested is not None and not used:
+  if peer_epochs:
+    notes.append("Comparison methods, epochs per stage as run: " + "; ".join(
+        f"{label} {'/'.join(map(str, sorted(es)))}" for label, es in peer_epochs.items()) +
+        " (their defaults: dpmamba_jax/peers/<method>.py DEFAULTS, configs/peers/).")
+  if epochs_requested is not None and not used and not peer_epochs:
     notes.append(f"epochs requested: {epochs_requested} per stage.")
   subsets = sorted({(r["test_pixels"]["scored"], r["test_pixels"]["of"])
                     for runs in grid.values() for r in runs
@@ -323,13 +396,17 @@ def render(grid: dict, dataset_names: Sequence[str], variants: Sequence[str], se
          f"Mean ± std (sample std) over seeds {', '.join(map(str, seeds))}; last-epoch models; "
          "OA / AA in %, κ ×100. Baseline = the DPMamba run's teacher with zero-filled missing "
          "modalities. Single-modality nets (X-Net) are trained and tested on X only (no student "
-         "stage).", ""]
+         "stage)." + (" Comparison methods run at their own settings (docs/peers.md); the fusion "
+                      "methods (HCT, Sal2RN, Cross-HL) take complete inputs, so a missing "
+                      "modality's input is zero-filled (marked), as a user with a sensor down "
+                      "gets; '+ modality dropout' rows are trained with per-sample dropout over "
+                      "the modality subsets." if any(v in variants for v in PEERS) else ""), ""]
   by_m: dict[int, list[str]] = {}
   for d in dataset_names:
     by_m.setdefault(datasets.get_spec(d).num_modalities, []).append(d)
   for m, names in sorted(by_m.items()):
     out += [f"## Table 1 layout ({m} modalities): {', '.join(names)}", "",
-            table1(grid, names, n)]
+            table1(grid, names, n, variants)]
   for d in dataset_names:
     out += [f"## Table 2 layout: {d}", "", table2(grid, d, n)]
   if any(v in variants for v in ABLATIONS):
@@ -355,7 +432,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--dataset", nargs="+", default=None,
                  help="datasets (default: the dataset folders found under --runs-root)")
   p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                 help="variants (default: all that apply to each dataset)")
+                 help="variants (default: DPMamba, its ablations and the single-modality nets "
+                      "that apply to each dataset)")
+  p.add_argument("--table1", action="store_true",
+                 help="the paper's Table 1 with the comparison methods: the single-modality "
+                      "nets; under each missing-modality scenario the zero-filled DPMamba "
+                      "teacher, ShaSpec, DGDNet, MSH-Net and DPMamba; under complete modalities "
+                      "HCT, Sal2RN, Cross-HL and DPMamba; the fusion methods zero-filled and "
+                      "trained with modality dropout as extra lines (variants: "
+                      + " ".join(TABLE1) + "). With --run, each method at its own settings "
+                      "(--epochs shortens every stage of every method).")
   p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   p.add_argument("--run", action="store_true", help="train + evaluate the missing runs first")
   p.add_argument("--epochs", type=int, default=None, help="epochs per stage for --run "
@@ -387,7 +473,10 @@ def main(argv=None) -> int:
                            "$DPMAMBA_DATA_DIR/<dataset> for several")
   if args.epochs is not None and args.epochs < 1:
     raise errors.UserError(f"--epochs {args.epochs}: expected an int >= 1")
-  variants = list(args.variants or VARIANTS)
+  if args.table1 and args.variants:
+    raise errors.UserError("--table1 runs the Table-1 variants; give --variants or --table1, "
+                           "not both")
+  variants = list(args.variants or (TABLE1 if args.table1 else DPMAMBA_GRID))
   failed = []
   if args.run:
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else None

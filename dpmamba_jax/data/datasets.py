@@ -34,6 +34,7 @@ class DatasetSpec:
   patch_size: int
   batch_size: int
   train_per_class: int = 40
+  pca_keeps_bands: bool = False      # a modality with PCA: its bands, then the components
   epochs: int = 500                  # both stages
   warmup_epochs: int = 30
   lr: float = 3e-4
@@ -72,7 +73,8 @@ class DatasetSpec:
   @property
   def model_bands(self) -> tuple[int, ...]:
     """Channels per modality that the model sees (after PCA where set)."""
-    return tuple(b if p is None else p for b, p in zip(self.bands, self.pca))
+    return tuple(b if p is None else p + (b if self.pca_keeps_bands else 0)
+                 for b, p in zip(self.bands, self.pca))
 
   @property
   def steps_per_epoch(self) -> int:
@@ -92,7 +94,7 @@ class DatasetSpec:
 
 # What a model checkpoint records of its dataset (`spec_to_json`): enough for `predict` to find
 # a new scene's files (stems or file names) and to draw its maps.
-_SAVED_FIELDS = ("name", "modalities", "bands", "pca", "class_names", "patch_size", "batch_size",
+_SAVED_FIELDS = ("name", "modalities", "bands", "pca", "pca_keeps_bands", "class_names", "patch_size", "batch_size",
                  "train_per_class", "text_key", "file_stems", "label_stems", "folder_names",
                  "palette", "modality_files", "modality_keys", "modality_nodata", "label_file",
                  "label_key", "class_texts", "definition", "source")

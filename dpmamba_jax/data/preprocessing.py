@@ -258,23 +258,28 @@ def split_from_maps(path, *, labels: Optional[np.ndarray] = None,
 class BandTransform:
   """One modality's fitted input transform: optional whitened PCA, then optional z-scores.
 
-  raw (N, D) -> ((raw - pca_mean) as float32 @ pca_proj) -> (x - mean) / std -> (N, K) float32.
+  raw (N, D) -> ((raw - pca_mean) as float32 @ pca_proj) -> (x - mean) / std -> (N, K) float32;
+  with keep_bands the PCA components follow the raw bands: [raw, PCA] (N, D + K) is z-scored.
   """
   bands: int                                  # D, the bands in the files
   pca_mean: Optional[np.ndarray] = None       # (D,) float64
   pca_proj: Optional[np.ndarray] = None       # (D, K) float32 (components scaled to unit variance)
-  mean: Optional[np.ndarray] = None           # (K,) float64
-  std: Optional[np.ndarray] = None            # (K,) float64, no zeros
+  mean: Optional[np.ndarray] = None           # (out_bands,) float64
+  std: Optional[np.ndarray] = None            # (out_bands,) float64, no zeros
+  keep_bands: bool = False
 
   @property
   def out_bands(self) -> int:
-    return self.bands if self.pca_proj is None else int(self.pca_proj.shape[1])
+    if self.pca_proj is None:
+      return self.bands
+    return int(self.pca_proj.shape[1]) + (self.bands if self.keep_bands else 0)
 
   def apply(self, x: np.ndarray) -> np.ndarray:
-    """(N, D) raw pixels -> (N, K) float32 model inputs (each row on its own: tiles of a scene
-    transform exactly like the whole scene)."""
+    """(N, D) raw pixels -> (N, out_bands) float32 model inputs (each row on its own: tiles of a
+    scene transform exactly like the whole scene)."""
     if self.pca_proj is not None:
-      x = _apply_pca(x, self.pca_mean, self.pca_proj)
+      y = _apply_pca(x, self.pca_mean, self.pca_proj)
+      x = np.concatenate([np.asarray(x, np.float32), y], axis=1) if self.keep_bands else y
     if self.mean is not None:
       x = ((x - self.mean) / self.std).astype(np.float32)
     return np.asarray(x, np.float32)
@@ -282,6 +287,8 @@ class BandTransform:
   def to_json(self) -> dict:
     """Exact: JSON floats round-trip float64 (and so float32) values."""
     out = {"bands": int(self.bands)}
+    if self.keep_bands:
+      out["keep_bands"] = True
     for k in ("pca_mean", "pca_proj", "mean", "std"):
       v = getattr(self, k)
       if v is not None:
@@ -294,7 +301,7 @@ class BandTransform:
       return None if d.get(k) is None else np.asarray(d[k], np.float64).astype(dtype)
     return cls(bands=int(d["bands"]), pca_mean=arr("pca_mean", np.float64),
                pca_proj=arr("pca_proj", np.float32), mean=arr("mean", np.float64),
-               std=arr("std", np.float64))
+               std=arr("std", np.float64), keep_bands=bool(d.get("keep_bands", False)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +421,8 @@ def fit_transform(scene: Scene, split: Split, *, normalize: str = "standard",
     part = BandTransform(bands=x.shape[1])
     if n_pca is not None:
       mean, proj = _fit_pca(x, n_pca, all_rows if pca_fit == "all" else split.train_idx)
-      part = dataclasses.replace(part, pca_mean=mean, pca_proj=proj)
+      part = dataclasses.replace(part, pca_mean=mean, pca_proj=proj,
+                                 keep_bands=scene.spec.pca_keeps_bands)
     if normalize == "standard":
       y = part.apply(x) if n_pca is not None else x  # (H*W, K)
       mean, std = _fit_standardize(y, split.train_idx)

@@ -127,3 +127,48 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy (PyTorch CrossEntropyLoss): logits (B, C), labels (B,) int."""
   logp = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1).mean()
+
+
+def band_conv3d(x: jax.Array, kernel: jax.Array, spatial_padding: int,
+                block: int = 8) -> jax.Array:
+  """PyTorch's Conv3d(1, F, (k, kh, kw), padding=(0, p, p)) over the (band, row, column) cube
+  of a patch batch: x (B, P, P, C), kernel (k, kh, kw, 1, F) (DHWIO) -> (B, P', P', C - k + 1, F),
+  P' = P + 2p - kh + 1 (square kernels; no bias).
+
+  Computed as one 2-D convolution over (row, column): every window of `block` + k - 1
+  consecutive bands (the band axis zero-padded to whole windows) is one batch entry and gives
+  `block` output depths x F filters through a banded kernel, the same for every window. XLA's CPU
+  Conv3d with one input channel is many times slower than this.
+  """
+  b, p, _, c = x.shape
+  k, kh, kw, _, f = kernel.shape
+  depth = c - k + 1
+  windows = -(-depth // block)
+  span = block + k - 1
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, windows * block + k - 1 - c)))
+  x = jnp.stack([x[..., i * block:i * block + span] for i in range(windows)], axis=1)
+  x = x.reshape(b * windows, p, p, span)  # (B * windows, P, P, span)
+  band = np.zeros((span, block, k), np.float32)  # band[c, d, t] = 1 where c = d + t
+  for d in range(block):
+    band[d + np.arange(k), d, np.arange(k)] = 1.0
+  w = jnp.einsum("cdt,thwf->hwcdf", band, kernel[:, :, :, 0, :]).reshape(kh, kw, span, block * f)
+  y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), ((spatial_padding, spatial_padding),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)
+  q = y.shape[1]
+  y = y.reshape(b, windows, q, q, block, f).transpose(0, 2, 3, 1, 4, 5)
+  return y.reshape(b, q, q, windows * block, f)[:, :, :, :depth]
+
+
+def grouped_conv2d(x: jax.Array, kernel: jax.Array, groups: int, padding: int) -> jax.Array:
+  """PyTorch's grouped Conv2d (no bias): x (B, H, W, C_in), kernel (kh, kw, C_in / groups,
+  C_out) HWIO, output channel o in group o // (C_out / groups) -> (B, H', W', C_out).
+
+  Computed as one dense convolution with a block-diagonal kernel: XLA's CPU grouped
+  convolution is slower than the dense one with `groups` times the work."""
+  kh, kw, cin_g, cout = kernel.shape
+  k = kernel.reshape(kh, kw, cin_g, groups, cout // groups)
+  dense = jnp.einsum("hwcgo,gk->hwgcko", k, jnp.eye(groups, dtype=kernel.dtype))
+  return jax.lax.conv_general_dilated(
+      x, dense.reshape(kh, kw, cin_g * groups, cout), (1, 1), ((padding, padding),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST)

@@ -288,24 +288,23 @@ def draw_keep(rng: jax.Array, batch: int, num_modalities: int) -> jax.Array:
 
 # ------------------------------------------------------------------------- building, eval
 
-def _build(bands: Sequence[int], num_classes: int, patch_size: int,
-           rngs: nnx.Rngs) -> DGDNet:
-  return DGDNet(DGDNetConfig(tuple(bands), int(num_classes), int(patch_size)), rngs=rngs)
+def _build(shapes: method.Shapes, rngs: nnx.Rngs) -> DGDNet:
+  return DGDNet(DGDNetConfig(shapes.bands, shapes.num_classes, shapes.patch_size), rngs=rngs)
 
 
-def build_teacher(bands: Sequence[int], num_classes: int, patch_size: int,
-                  frozen: Mapping[str, nnx.Module], rngs: nnx.Rngs) -> DGDNet:
+def build_teacher(shapes: method.Shapes, frozen: Mapping[str, nnx.Module],
+                  rngs: nnx.Rngs) -> DGDNet:
   """A freshly initialised teacher (their init: kaiming-normal fan-out convs)."""
   del frozen
-  return _build(bands, num_classes, patch_size, rngs)
+  return _build(shapes, rngs)
 
 
-def build_student(bands: Sequence[int], num_classes: int, patch_size: int,
-                  frozen: Mapping[str, nnx.Module], rngs: nnx.Rngs) -> DGDNet:
+def build_student(shapes: method.Shapes, frozen: Mapping[str, nnx.Module],
+                  rngs: nnx.Rngs) -> DGDNet:
   """A freshly initialised student: their script builds it anew and loads only the teacher's
   weights (into the teacher), so the student does not start from the teacher."""
   del frozen
-  return _build(bands, num_classes, patch_size, rngs)
+  return _build(shapes, rngs)
 
 
 def classify(models: Mapping[str, nnx.Module], xs: Sequence[jax.Array],

@@ -50,7 +50,6 @@ JDA_WEIGHTS: dict[int, tuple[tuple[float, float], ...]] = {
 
 ModelT = TypeVar("ModelT", bound=nnx.Module)
 Loss = Callable[..., tuple[jax.Array, dict[str, jax.Array], jax.Array]]
-Builder = Callable[..., nnx.Module]
 
 
 def modality_names(num_modalities: int) -> tuple[str, ...]:
@@ -413,10 +412,10 @@ def build_stage(stage: str, bands: Sequence[int], num_classes: int, patch_size: 
   return ens
 
 
-def _builder(stage: str) -> Builder:
-  def build(bands: Sequence[int], num_classes: int, patch_size: int,
-            frozen: Mapping[str, nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
-    return build_stage(stage, bands, num_classes, patch_size, frozen, rngs)
+def _builder(stage: str) -> method.PeerBuilder:
+  def build(shapes: method.Shapes, frozen: Mapping[str, nnx.Module],
+            rngs: nnx.Rngs) -> nnx.Module:
+    return build_stage(stage, shapes.bands, shapes.num_classes, shapes.patch_size, frozen, rngs)
 
   build.__name__ = f"build_{stage}"
   build.__doc__ = f"The {stage!r} model (see build_stage)."

@@ -298,7 +298,10 @@ DEFAULTS = {"*": {
 
 
 def _stages(cfg: config.RunConfig, shapes: method.Shapes) -> tuple[method.Stage, ...]:
-  return (method.peer_stage(cfg, name="model", build=build_model, loss=model_loss,
+  def build(shapes: method.Shapes, frozen, rngs: nnx.Rngs) -> ShaSpec:
+    return build_model(shapes.bands, shapes.num_classes, shapes.patch_size, frozen, rngs)
+
+  return (method.peer_stage(cfg, name="model", build=build, loss=model_loss,
                             keep_rule=draw_keep, epochs=cfg.epochs_pretrain, index=0),)
 
 
