@@ -191,7 +191,7 @@ def test_restricted_synthetic_scene_loads():
   np.testing.assert_array_equal(scene.labels, full.labels)
 
 
-TINY = ["--epochs", "1", "--text-encoder", "random", "--no-compile-cache", "--quiet",
+TINY = ["--epochs", "1", "--text-encoder", "random", "--quiet",
         "--set", "model=tiny", "--set", "depth=0", "--set", "hidden=8", "--set", "patch_size=3",
         "--set", "synthetic_height=40", "--set", "synthetic_width=40",
         "--set", "train_per_class=8", "--set", "batch_size=24", "--set", "eval_batch=256",

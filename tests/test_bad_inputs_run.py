@@ -23,7 +23,7 @@ from dpmamba_jax import evaluate, steps, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the random text encoder's
 
-TINY = ["--text-encoder", "random", "--no-compile-cache", "--quiet",
+TINY = ["--text-encoder", "random", "--quiet",
         "--set", "model=tiny", "--set", "depth=0", "--set", "hidden=8", "--set", "patch_size=3",
         "--set", "synthetic_height=40", "--set", "synthetic_width=40",
         "--set", "train_per_class=8", "--set", "batch_size=24", "--set", "eval_batch=256",
@@ -36,7 +36,7 @@ def _train(capsys, workdir, *extra, epochs=EPOCHS):
 
 
 def _evaluate(capsys, workdir, *extra):
-  return run_cli(capsys, evaluate.main, ["--workdir", workdir, "--no-compile-cache", *extra])
+  return run_cli(capsys, evaluate.main, ["--workdir", workdir, *extra])
 
 
 _cache_dir = pytest.fixture(scope="module", autouse=True)(private_text_cache)

@@ -18,8 +18,9 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "peers"
 PEERS = ("shaspec", "dgdnet", "mshnet", "hct", "sal2rn", "crosshl")
 STAGES = {"shaspec": 1, "dgdnet": 2, "mshnet": 7, "hct": 1, "sal2rn": 2, "crosshl": 1}
 # the scene has 12 HSI bands: HCT's and Sal2RN's PCA (30, raw+48) scaled down to it
-PEER_ARGS = {"hct": ["--set", "pca=6"], "sal2rn": ["--set", "pca=raw+4"]}
-ONE_EPOCH = ["--epochs", "1", "--text-encoder", "random", "--quiet",
+PEER_ARGS = {"hct": ["--set", "pca=6"], "sal2rn": ["--set", "pca=raw+4"],
+             "mshnet": ["--set", "maps=true"]}  # one method's maps (the others: maps=false)
+ONE_EPOCH = ["--epochs", "1", "--text-encoder", "random", "--quiet", "--set", "maps=false",
              "--set", "eval_batch=256", "--set", "batch_size=24", "--set", "train_per_class=8"]
 
 _cache_dir = pytest.fixture(scope="module", autouse=True)(private_text_cache)
@@ -153,14 +154,21 @@ def test_peer_trains_evaluates_and_predicts(capsys, tmp_path, peer_run, scene_ya
   again = json.loads((w / "metrics.json").read_text())
   for s in scenarios:
     assert again[name][s]["confusion"] == metrics[name][s]["confusion"]
-  # predict without LiDAR equals the run's without-LiDAR map
+  # predict without LiDAR classifies the test pixels as the run's evaluation did
   model_dir = w / m.scored[0].needs[-1]
   rc, _, err = run_cli(capsys, predict.main, ["--model", str(model_dir), "--input",
                                               str(scene_yaml), "--missing", "LiDAR", "--out",
                                               str(tmp_path / "map.tif"), "--quiet"])
   assert rc == 0, err
-  want = np.load(w / "maps" / f"{name}_without-LiDAR_full.npy")
-  np.testing.assert_array_equal(_read_map(tmp_path / "map.tif"), want)
+  test_idx = np.load(w / "split.npz")["test_idx"]
+  truth = _read_map(scene_yaml.parent / "gt.tif").ravel()[test_idx]
+  predicted = _read_map(tmp_path / "map.tif").ravel()[test_idx]
+  confusion = np.zeros((len(scene_files.CLASSES),) * 2, np.int64)
+  np.add.at(confusion, (truth.astype(np.int64) - 1, predicted.astype(np.int64) - 1), 1)
+  np.testing.assert_array_equal(confusion, metrics[name]["without:LiDAR"]["confusion"])
+  if name == "mshnet":  # and equals the run's without-LiDAR map everywhere
+    want = np.load(w / "maps" / f"{name}_without-LiDAR_full.npy")
+    np.testing.assert_array_equal(_read_map(tmp_path / "map.tif"), want)
 
 
 @pytest.mark.slow

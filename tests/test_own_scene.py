@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the random tex
 
 NODATA = 0
 NODATA_BOX = (4, 7, 20, 26)  # HSI pixels without data (rows 4..6, columns 20..25)
-TINY = ["--epochs", "2", "--text-encoder", "random", "--no-compile-cache", "--quiet",
+TINY = ["--epochs", "2", "--text-encoder", "random", "--quiet",
         "--set", "model=tiny", "--set", "depth=0", "--set", "hidden=8",
         "--set", "eval_batch=128", "--set", "log_every=1"]
 
@@ -236,7 +236,7 @@ def test_data_and_evaluate_accept_the_file(capsys, run_dir, scene_yaml):
   rc, out, _ = run_cli(capsys, data_cli.main, ["--dataset-file", scene_yaml, "--json"])
   assert rc == 0 and json.loads(out)["dataset"] == "testscene"
   before = json.loads((run_dir / "metrics.json").read_text())
-  rc, _, err = run_cli(capsys, evaluate.main, ["--workdir", run_dir, "--no-compile-cache",
+  rc, _, err = run_cli(capsys, evaluate.main, ["--workdir", run_dir,
                                                "--dataset-file", scene_yaml])
   assert rc == 0, err
   after = json.loads((run_dir / "metrics.json").read_text())
@@ -380,7 +380,7 @@ def test_old_checkpoint_says_how_to_export(capsys, tmp_path, run_dir, scene_yaml
                         "--out", tmp_path / "map.tif")
   assert_one_line_error(rc, err, "does not record its input transform", "--export-inputs")
   assert not (tmp_path / "map.tif").exists()
-  rc, out, err = run_cli(capsys, evaluate.main, ["--workdir", old, "--no-compile-cache",
+  rc, out, err = run_cli(capsys, evaluate.main, ["--workdir", old,
                                                  "--export-inputs"])
   assert rc == 0, err
   assert "input transform and dataset definition added" in out
