@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import parity_dir
+from peer_golden import KeyRecorder, assert_close
 from flax import nnx
 
 from dpmamba_jax import method
@@ -15,13 +16,6 @@ from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import crosshl
 
 FILES = sorted((parity_dir() / "peers").glob("crosshl_*.npz"))
-REL = 1e-4
-
-
-def _close(actual, ref, what):
-  ref = np.asarray(ref)
-  atol = REL * max(float(np.abs(ref).max()), 1e-6)
-  np.testing.assert_allclose(np.asarray(actual), ref, rtol=0, atol=atol, err_msg=what)
 
 
 def _abstract(cfg):
@@ -34,18 +28,6 @@ def _shell(abstract):
   """A Cross-HL with zero-filled variables."""
   graphdef, state = abstract
   return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
-
-
-class _Recorder(dict):
-  """A dict that remembers which keys were read."""
-
-  def __init__(self, *a):
-    super().__init__(*a)
-    self.read = set()
-
-  def __getitem__(self, k):
-    self.read.add(k)
-    return super().__getitem__(k)
 
 
 class Golden:
@@ -95,7 +77,7 @@ def _eval(model, xs, keep):
 @pytest.fixture(scope="module")
 def eval_run(gold):
   """(model, (outputs, classify logits) of the complete batch, the parameter names read)."""
-  params = _Recorder(gold.params)
+  params = KeyRecorder(gold.params)
   model = gold.model(params)
   return model, _eval(model, gold.xs, gold.keep((1, 1))), params.read
 
@@ -139,9 +121,9 @@ def test_groups_and_sizes_derived(gold):
 
 def test_eval_outputs(gold, eval_run):
   _, (out, logits), _ = eval_run
-  _close(out.logits, gold["outputs/logits"], "logits")
-  _close(out.fused_feature, gold["outputs/fused_feature"], "fused_feature")
-  _close(logits, gold["outputs/logits"], "classify")
+  assert_close(out.logits, gold["outputs/logits"], "logits")
+  assert_close(out.fused_feature, gold["outputs/fused_feature"], "fused_feature")
+  assert_close(logits, gold["outputs/logits"], "classify")
 
 
 def test_missing_modality_is_zero_filled(gold, eval_run):
@@ -153,19 +135,19 @@ def test_missing_modality_is_zero_filled(gold, eval_run):
   _, mixed = _eval(model, gold.xs, keep)
   zeroed = [x * keep[:, m, None, None, None] for m, x in enumerate(gold.xs)]
   _, want = _eval(model, zeroed, gold.keep((1, 1)))
-  _close(mixed, np.asarray(want), "zero-filled logits")
+  assert_close(mixed, np.asarray(want), "zero-filled logits")
   assert not np.allclose(np.asarray(mixed)[1:3], gold["outputs/logits"][1:3], atol=1e-3)
 
 
 def test_train_outputs_and_loss(gold, train_run):
   total, terms, logits, out, _, _ = train_run
-  _close(out.logits, gold["outputs/train/logits"], "train/logits")
-  _close(out.fused_feature, gold["outputs/train/fused_feature"], "train/fused_feature")
+  assert_close(out.logits, gold["outputs/train/logits"], "train/logits")
+  assert_close(out.fused_feature, gold["outputs/train/fused_feature"], "train/fused_feature")
   ours_total, ours = crosshl.loss_terms(out, gold.labels)
   golden = gold.group("losses/")
   for name, ref in golden.items():
-    _close(ours[name], ref, f"losses/{name}")
-  _close(ours_total, golden.get("total", golden["ce"]), "total")
+    assert_close(ours[name], ref, f"losses/{name}")
+  assert_close(ours_total, golden.get("total", golden["ce"]), "total")
   # model_loss trains with dropout (rate 0.1, their Dropout layers): same BN path, other logits
   assert not np.allclose(logits, gold["outputs/train/logits"], atol=1e-3)
   assert set(terms) == {"ce", "total"} and float(total) == float(terms["ce"])
@@ -177,7 +159,7 @@ def test_train_running_stats(gold, train_run):
   for model in train_run[4:]:  # BatchNorm comes before every dropout
     ours = crosshl.torch_buffers(model)
     for name, value in ours.items():
-      _close(value, after[name], f"bn_after/{name}")
+      assert_close(value, after[name], f"bn_after/{name}")
     assert set(ours) == {k for k in after if not k.endswith("num_batches_tracked")}
 
 

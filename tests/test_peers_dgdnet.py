@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import parity_dir
+from peer_golden import KeyRecorder
 from flax import nnx
 
 from dpmamba_jax import method
@@ -32,18 +33,6 @@ def _cl(x):
   """(B, C, H, W) -> (B, H, W, C); (B, C, 1, 1) -> (B, C)."""
   x = np.asarray(x)
   return x[:, :, 0, 0] if x.shape[2:] == (1, 1) else x.transpose(0, 2, 3, 1)
-
-
-class _Recorder(dict):
-  """A dict that remembers which keys were read."""
-
-  def __init__(self, *a):
-    super().__init__(*a)
-    self.read = set()
-
-  def __getitem__(self, k):
-    self.read.add(k)
-    return super().__getitem__(k)
 
 
 class Golden:
@@ -107,7 +96,7 @@ def test_param_count_and_importer(golden):
   meta = golden.meta
   assert param_count(golden.abstract()) == (meta["param_count_trainable"]
                                             - meta["param_count_unused_in_forward"])
-  params = _Recorder(golden.params)
+  params = KeyRecorder(golden.params)
   golden.student(params)
   assert set(golden.params) - params.read == set(meta["params_unused_in_forward"])
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import parity_dir
+from peer_golden import KeyRecorder, assert_close
 from flax import nnx
 from jax.extend import core as jex_core
 
@@ -17,26 +18,6 @@ from dpmamba_jax.peers import hct
 
 _FILES = sorted((parity_dir() / "peers").glob("hct_*.npz"))
 _IDS = [p.stem for p in _FILES] or ["missing"]
-REL = 1e-4
-
-
-def _close(actual, ref, what):
-  """Equal up to REL * max|ref|."""
-  ref = np.asarray(ref, np.float32)
-  atol = REL * max(float(np.abs(ref).max()), 1e-6)
-  np.testing.assert_allclose(np.asarray(actual), ref, rtol=0, atol=atol, err_msg=what)
-
-
-class _Recorder(dict):
-  """A dict that remembers which keys were read."""
-
-  def __init__(self, *a):
-    super().__init__(*a)
-    self.read = set()
-
-  def __getitem__(self, k):
-    self.read.add(k)
-    return super().__getitem__(k)
 
 
 def _shell(cfg, fill=np.nan):
@@ -112,17 +93,17 @@ def test_param_count_and_importer(gold):
   model = nnx.eval_shape(lambda: hct.HCT(gold.cfg, rngs=nnx.Rngs(0)))
   assert param_count(model) == (meta["param_count_trainable"]
                                 - meta["param_count_unused_in_forward"])
-  params = _Recorder(gold.params)
+  params = KeyRecorder(gold.params)
   gold.model(params=params)
   assert set(gold.params) - params.read == set(meta["params_unused_in_forward"])
 
 
 def test_eval_outputs(gold, eval_run):
   full = slice(0, gold.batch)
-  _close(eval_run.logits[full], gold.d["outputs/logits"], "logits")
+  assert_close(eval_run.logits[full], gold.d["outputs/logits"], "logits")
   for i, name in enumerate(hct.MODALITY_NAMES):
-    _close(eval_run.cls[i][full], gold.d[f"outputs/cls_{name}"], f"cls_{name}")
-    _close(eval_run.head_logits[i][full], gold.d[f"outputs/logits_{name}_head"],
+    assert_close(eval_run.cls[i][full], gold.d[f"outputs/cls_{name}"], f"cls_{name}")
+    assert_close(eval_run.head_logits[i][full], gold.d[f"outputs/logits_{name}_head"],
            f"logits_{name}_head")
 
 
@@ -136,9 +117,9 @@ def test_missing_modality_is_zero_filled(gold, eval_run):
 
 def test_train_outputs(gold, train_run):
   out = train_run[0]
-  _close(out.logits, gold.d["outputs/train/logits"], "train/logits")
+  assert_close(out.logits, gold.d["outputs/train/logits"], "train/logits")
   for i, name in enumerate(hct.MODALITY_NAMES):
-    _close(out.cls[i], gold.d[f"outputs/train/cls_{name}"], f"train/cls_{name}")
+    assert_close(out.cls[i], gold.d[f"outputs/train/cls_{name}"], f"train/cls_{name}")
 
 
 def test_train_running_stats(gold, train_run):
@@ -146,7 +127,7 @@ def test_train_running_stats(gold, train_run):
   ours = hct.torch_buffers(train_run[3])
   assert set(ours) == {k for k in after if not k.endswith("num_batches_tracked")}
   for name, value in ours.items():
-    _close(value, after[name], f"bn_after/{name}")
+    assert_close(value, after[name], f"bn_after/{name}")
 
 
 def test_losses(gold, train_run):
@@ -154,8 +135,8 @@ def test_losses(gold, train_run):
   golden = gold.group("losses/")
   assert set(terms) - {"total"} == set(golden) - {"total"}
   for name, ref in golden.items():
-    _close(terms[name], ref, f"losses/{name}")
-  _close(total, golden["ce"], "total")
+    assert_close(terms[name], ref, f"losses/{name}")
+  assert_close(total, golden["ce"], "total")
 
 
 def _count_primitive(jaxpr, name):

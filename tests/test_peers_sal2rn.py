@@ -11,21 +11,15 @@ import pytest
 from flax import nnx
 
 from conftest import parity_dir
+from peer_golden import assert_close
 from dpmamba_jax import config, errors, method, steps
 from dpmamba_jax.data.patches import ShuffleSampler
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import sal2rn
 
 FILES = sorted((parity_dir() / "peers").glob("sal2rn_*.npz"))
-REL = 1e-4
 OUTPUTS = ("logits", "logits_spatial", "logits_spectral", "logits_lidar", "spatial_feature",
            "spatial_hidden", "lidar_feature")
-
-
-def _close(actual, ref, what):
-  ref = np.asarray(ref)
-  atol = REL * max(float(np.abs(ref).max()), 1e-6)
-  np.testing.assert_allclose(np.asarray(actual), ref, rtol=0, atol=atol, err_msg=what)
 
 
 def _shell(cfg, fill=np.zeros):
@@ -126,8 +120,8 @@ def test_param_count(gold, eval_out):
 def test_eval_outputs(gold, eval_out):
   out, _, b = eval_out
   for name in OUTPUTS:
-    _close(np.asarray(getattr(out, name))[:b], gold[f"outputs/{name}"], name)
-  _close(np.asarray(out.spectral_feature)[:b], gold["outputs/spectral_feature"][..., 0],
+    assert_close(np.asarray(getattr(out, name))[:b], gold[f"outputs/{name}"], name)
+  assert_close(np.asarray(out.spectral_feature)[:b], gold["outputs/spectral_feature"][..., 0],
          "spectral_feature")
 
 
@@ -149,14 +143,14 @@ def test_zero_filled_modalities(eval_out):
 def test_train_outputs(gold, train_run):
   out = train_run[0]
   for name in ("logits_spatial", "logits_spectral", "logits_lidar"):
-    _close(getattr(out, name), gold[f"outputs/train/{name}"], f"train/{name}")
+    assert_close(getattr(out, name), gold[f"outputs/train/{name}"], f"train/{name}")
 
 
 def test_train_running_stats(gold, train_run):
   ours = sal2rn.torch_buffers(train_run[3])
   after = gold.group("outputs/train/bn_after/")
   for name, value in ours.items():
-    _close(value, after[name], f"bn_after/{name}")
+    assert_close(value, after[name], f"bn_after/{name}")
   unused = {k for k in after if k.endswith("num_batches_tracked") or k.startswith("conv4.")}
   assert set(ours) == set(after) - unused
 
@@ -166,8 +160,8 @@ def test_losses(gold, train_run):
   golden = gold.group("losses/")
   assert set(terms) == set(golden)
   for name, ref in golden.items():
-    _close(terms[name], ref, f"losses/{name}")
-  _close(total, golden["total"], "total")
+    assert_close(terms[name], ref, f"losses/{name}")
+  assert_close(total, golden["total"], "total")
 
 
 def _their_weights(preds, labels):
@@ -194,7 +188,7 @@ def test_decision_weights_match_their_loop():
   np.testing.assert_allclose(w[:, :4].sum(0), 1.0, atol=1e-5)
   z = rng.standard_normal((3, 35, 5)).astype(np.float32)
   fused = sal2rn.fuse(w, *z)
-  _close(fused, w[2] * z[2] + w[1] * z[1] + w[0] * z[0], "fuse")
+  assert_close(fused, w[2] * z[2] + w[1] * z[1] + w[0] * z[0], "fuse")
 
 
 TINY = sal2rn.Sal2RNConfig.tiny()
@@ -254,7 +248,7 @@ def test_weights_stage_fills_the_weights_from_every_training_pixel():
   want = sal2rn.decision_weights(heads.argmax(-1), labels, cfg.num_classes)
   np.testing.assert_array_equal(np.asarray(final.decision_weights[...]), want)
   fused = np.einsum("kc,nkc->nc", want, heads)
-  _close(out.logits, fused, "fused logits")
+  assert_close(out.logits, fused, "fused logits")
   np.testing.assert_allclose(float(metrics["train_oa"]), np.mean(fused.argmax(-1) == labels),
                              atol=1e-6)
   restored = stage.restore(saved, frozen)

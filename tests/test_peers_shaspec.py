@@ -9,17 +9,11 @@ import pytest
 from flax import nnx
 
 from conftest import parity_dir
+from peer_golden import assert_close
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import shaspec
 
 FILES = sorted((parity_dir() / "peers").glob("shaspec_*.npz"))
-REL = 1e-4
-
-
-def _close(actual, ref, what):
-  ref = np.asarray(ref)
-  atol = REL * max(float(np.abs(ref).max()), 1e-6)
-  np.testing.assert_allclose(np.asarray(actual), ref, rtol=0, atol=atol, err_msg=what)
 
 
 def _nchw_to_nhwc(a):
@@ -111,22 +105,22 @@ def test_param_count(gold, eval_out):
 def test_eval_outputs(gold, eval_out):
   out, _, b, _ = eval_out
   full = slice(0, b)
-  _close(out.logits[full], gold["outputs/logits"], "logits")
-  _close(out.fused_feature[full], gold["outputs/fused_feature"], "fused_feature")
+  assert_close(out.logits[full], gold["outputs/logits"], "logits")
+  assert_close(out.fused_feature[full], gold["outputs/fused_feature"], "fused_feature")
   # the 3B-sample batch stacks [HSI of all 3B; LiDAR of all 3B]; take the first B of each
   n = 3 * b
   mod = jnp.concatenate([out.modality_logits[:b], out.modality_logits[n:n + b]])
-  _close(mod, gold["outputs/modality_logits"], "modality_logits")
+  assert_close(mod, gold["outputs/modality_logits"], "modality_logits")
   pooled = jnp.concatenate([out.specific_pooled[:b], out.specific_pooled[n:n + b]])
-  _close(pooled, gold["outputs/specific_pooled_feature"], "specific_pooled_feature")
+  assert_close(pooled, gold["outputs/specific_pooled_feature"], "specific_pooled_feature")
   labels = jnp.concatenate([out.modality_labels[:b], out.modality_labels[n:n + b]])
   np.testing.assert_array_equal(labels, gold["outputs/modality_labels"])
   for i, name in enumerate(shaspec.MODALITY_NAMES):
-    _close(out.specific[i][full], _nchw_to_nhwc(gold[f"outputs/{name}_specific_feature"]),
+    assert_close(out.specific[i][full], _nchw_to_nhwc(gold[f"outputs/{name}_specific_feature"]),
            f"{name}_specific_feature")
-    _close(out.shared[i][full], _nchw_to_nhwc(gold[f"outputs/{name}_shared_feature"]),
+    assert_close(out.shared[i][full], _nchw_to_nhwc(gold[f"outputs/{name}_shared_feature"]),
            f"{name}_shared_feature")
-    _close(out.unimodal_logits[i][full], gold[f"outputs/logits_{name}_head"],
+    assert_close(out.unimodal_logits[i][full], gold[f"outputs/logits_{name}_head"],
            f"logits_{name}_head")
 
 
@@ -134,8 +128,8 @@ def test_eval_outputs(gold, eval_out):
 def test_missing_modality(gold, eval_out, scenario, row):
   out, logits, b, _ = eval_out
   rows = slice(row * b, (row + 1) * b)
-  _close(out.logits[rows], gold[f"outputs/{scenario}/logits"], f"{scenario}/logits")
-  _close(out.fused_feature[rows], gold[f"outputs/{scenario}/fused_feature"],
+  assert_close(out.logits[rows], gold[f"outputs/{scenario}/logits"], f"{scenario}/logits")
+  assert_close(out.fused_feature[rows], gold[f"outputs/{scenario}/fused_feature"],
          f"{scenario}/fused_feature")
   chex.assert_trees_all_close(logits, out.logits)
 
@@ -143,14 +137,14 @@ def test_missing_modality(gold, eval_out, scenario, row):
 @pytest.mark.slow
 def test_train_outputs(gold, train_run):
   _, _, logits, _, _, out = train_run
-  _close(logits, gold["outputs/train/logits"], "train/logits (model_loss)")
-  _close(out.logits, gold["outputs/train/logits"], "train/logits")
-  _close(out.fused_feature, gold["outputs/train/fused_feature"], "train/fused_feature")
-  _close(out.modality_logits, gold["outputs/train/modality_logits"], "train/modality_logits")
+  assert_close(logits, gold["outputs/train/logits"], "train/logits (model_loss)")
+  assert_close(out.logits, gold["outputs/train/logits"], "train/logits")
+  assert_close(out.fused_feature, gold["outputs/train/fused_feature"], "train/fused_feature")
+  assert_close(out.modality_logits, gold["outputs/train/modality_logits"], "train/modality_logits")
   for i, name in enumerate(shaspec.MODALITY_NAMES):
-    _close(out.shared[i], _nchw_to_nhwc(gold[f"outputs/train/{name}_shared_feature"]),
+    assert_close(out.shared[i], _nchw_to_nhwc(gold[f"outputs/train/{name}_shared_feature"]),
            f"train/{name}_shared_feature")
-    _close(out.unimodal_logits[i], gold[f"outputs/train/logits_{name}_head"],
+    assert_close(out.unimodal_logits[i], gold[f"outputs/train/logits_{name}_head"],
            f"train/logits_{name}_head")
 
 
@@ -159,7 +153,7 @@ def test_train_running_stats(gold, train_run):
   after = gold.group("outputs/train/bn_after/")
   ours = shaspec.torch_buffers(model)
   for name, value in ours.items():
-    _close(value, after[name], f"bn_after/{name}")
+    assert_close(value, after[name], f"bn_after/{name}")
   unused = {k for k in after if k.startswith("modality_2_transfer.")
             or k.endswith("num_batches_tracked")}
   assert set(ours) == set(after) - unused
@@ -171,8 +165,8 @@ def test_losses(gold, train_run):
   golden["unimodal_total"] = golden.pop("unimodal_total_coef0")
   assert set(terms) == set(golden)
   for name, ref in golden.items():
-    _close(terms[name], ref, f"losses/{name}")
-  _close(total, golden["total"], "total")
+    assert_close(terms[name], ref, f"losses/{name}")
+  assert_close(total, golden["total"], "total")
 
 
 def test_grads(gold, train_run):
@@ -182,7 +176,7 @@ def test_grads(gold, train_run):
     assert not np.any(golden.pop(name))
   assert set(grads) == set(golden)
   for name, ref in golden.items():
-    _close(grads[name], ref, f"grads/{name}")
+    assert_close(grads[name], ref, f"grads/{name}")
 
 
 def test_draw_keep():

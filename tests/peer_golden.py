@@ -1,0 +1,24 @@
+"""Shared by the comparison methods' parity tests (tests/test_peers_*.py): the tolerance and the
+helpers for reading their golden files (../shared/parity/peers/<method>_*.npz)."""
+import numpy as np
+
+REL = 1e-4  # relative to the largest magnitude of the reference
+
+
+def assert_close(actual, ref, what: str = "") -> None:
+  """Equal up to REL * max|ref| elementwise."""
+  ref = np.asarray(ref, np.float32)
+  atol = REL * max(float(np.abs(ref).max()), 1e-6)
+  np.testing.assert_allclose(np.asarray(actual), ref, rtol=0, atol=atol, err_msg=what)
+
+
+class KeyRecorder(dict):
+  """A dict that remembers which keys were read (an importer that skips a weight shows)."""
+
+  def __init__(self, *a):
+    super().__init__(*a)
+    self.read = set()
+
+  def __getitem__(self, k):
+    self.read.add(k)
+    return super().__getitem__(k)
