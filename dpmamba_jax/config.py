@@ -31,6 +31,8 @@ NORMALIZE = ("none", "standard")
 MODEL_PRESETS = ("paper", "tiny")
 # The training methods (methods.py registers one Method per name; tests/test_methods.py checks
 # that the two lists agree): DPMamba and the comparison methods of the paper's Table 1.
+MAX_SEED = 2**30                         # seeds + offsets stay within int32 (jax PRNG keys)
+MAX_EVAL_BATCH = 65536                   # one batch's patches and activations fit in memory
 METHODS = ("dpmamba", "shaspec", "dgdnet", "mshnet", "hct", "sal2rn", "crosshl")
 
 
@@ -349,8 +351,11 @@ def _validate(cfg: RunConfig, spec) -> None:
             "eval_batch"):
     if getattr(cfg, k) < 1:
       bad(k, "an int >= 1")
-  if cfg.seed < 0:
-    bad("seed", "an int >= 0")
+  if not 0 <= cfg.seed <= MAX_SEED:
+    bad("seed", f"an int from 0 to {MAX_SEED} (stage seeds are offsets of it)")
+  if cfg.eval_batch > MAX_EVAL_BATCH:
+    bad("eval_batch", f"at most {MAX_EVAL_BATCH} (one batch's patches and activations are held "
+                      "in memory at once)")
   if cfg.patch_size % 2 == 0:
     bad("patch_size", "an odd int (a patch is centred on its pixel)")
   balanced = cfg.method == "dpmamba"  # the balanced sampler's k = B // C per class

@@ -320,6 +320,7 @@ def classify_scene(predictor: Predictor, scene: SceneInput, transform: InputTran
   total = scene.height * scene.width
   bar = tqdm(total=total, unit="px", unit_scale=True, desc="predict", disable=not progress,
              mininterval=1.0, file=sys.stderr)
+  tile_rows = min(tile_rows, h)  # a tile taller than the scene is the scene
   for start in range(0, h, tile_rows):
     stop = min(h, start + tile_rows)
     rows = [_reflect(r, h) for r in range(start - half, stop + half)]  # padded rows of the tile

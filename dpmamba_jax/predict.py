@@ -16,6 +16,7 @@ from dpmamba_jax import runtime
 if __name__ == "__main__":  # before the heavy imports below (runtime.py)
   runtime.reexec_with_hugepage_malloc()
 
+from dpmamba_jax import config as config_lib  # noqa: E402
 from dpmamba_jax import errors  # noqa: E402
 from dpmamba_jax import inference  # noqa: E402
 from dpmamba_jax.inference import DEFAULT_TILE_ROWS  # noqa: E402
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
   for flag, v in (("--batch", args.batch), ("--tile", args.tile)):
     if v < 1:
       raise errors.UserError(f"{flag} {v}: expected an int >= 1")
+  if args.batch > config_lib.MAX_EVAL_BATCH:
+    raise errors.UserError(f"--batch {args.batch}: expected at most {config_lib.MAX_EVAL_BATCH} "
+                           "(one batch's patches and activations are held in memory at once)")
   missing = [n.strip() for item in args.missing for n in item.split(",") if n.strip()]
   log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
   model_dir = os.path.abspath(args.model)

@@ -271,9 +271,9 @@ def test_predict_equals_the_runs_maps_and_keeps_the_georeference(capsys, tmp_pat
   np.testing.assert_allclose(probs[:, _valid()].sum(0), 1.0, rtol=1e-5)
   assert (tmp_path / "map.png").is_file()
 
-  # one tile of the whole scene: the same map
+  # one tile of the whole scene (a tile taller than the scene is the scene): the same map
   rc, _, err = _predict(capsys, "--model", run_dir / "student", "--input", scene_yaml,
-                        "--out", tmp_path / "untiled.tif", "--tile", "1000", "--batch", "64")
+                        "--out", tmp_path / "untiled.tif", "--tile", "1000000", "--batch", "64")
   assert rc == 0, err
   np.testing.assert_array_equal(_read(tmp_path / "untiled.tif")[0][0], ids)
 
@@ -362,6 +362,7 @@ def test_predict_refuses_to_overwrite_and_bad_inputs(capsys, tmp_path, run_dir, 
       (scene_yaml, ["--missing", "SAR"], ["--missing 'SAR'", "HSI, LiDAR"]),
       (scene_yaml, ["--missing", "HSI,LiDAR"], ["no modality left"]),
       (bad / "nothere", [], ["--input", "nothere: not found"]),
+      (scene_yaml, ["--batch", "1000000000"], ["--batch 1000000000", "at most 65536"]),
   ]
   before = listing(tmp_path)
   for src, extra, fragments in cases:
