@@ -5,6 +5,7 @@ killed mid-write) sees either the old file or the whole new one, never a half-wr
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -26,6 +27,25 @@ def give_ordinary_permissions(path: str | os.PathLike) -> None:
   files are 0600, which would leave maps and metrics unreadable to colleagues on a shared
   machine."""
   os.chmod(path, 0o666 & ~_UMASK)
+
+
+def what_is(path: str | os.PathLike) -> str:
+  """What is at `path`, for messages: "a folder", "a file", "a symlink loop", "a broken symlink
+  (to TARGET)", "not found", or "neither a file nor a folder" (a device, a pipe, ...)."""
+  if os.path.islink(path):
+    try:
+      os.stat(path)
+    except OSError as e:
+      if e.errno == errno.ELOOP:
+        return "a symlink loop"
+      return f"a broken symlink (to {os.readlink(path)})"
+  if os.path.isdir(path):
+    return "a folder"
+  if os.path.isfile(path):
+    return "a file"
+  if not os.path.lexists(path):
+    return "not found"
+  return "neither a file nor a folder"
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:

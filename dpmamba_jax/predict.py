@@ -62,6 +62,12 @@ def main(argv=None) -> int:
   for flag, v in (("--batch", args.batch), ("--tile", args.tile)):
     if v < 1:
       raise errors.UserError(f"{flag} {v}: expected an int >= 1")
+  for flag, path in (("--input", args.input), ("--out", args.out)):
+    try:
+      path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv: GDAL cannot take the path
+      raise errors.UserError(f"{flag} {path.encode('utf-8', 'surrogateescape')!r}: not a UTF-8 "
+                             "path, which GDAL needs for GeoTIFF / ENVI; rename it") from None
   if args.batch > config_lib.MAX_EVAL_BATCH:
     raise errors.UserError(f"--batch {args.batch}: expected at most {config_lib.MAX_EVAL_BATCH} "
                            "(one batch's patches and activations are held in memory at once)")

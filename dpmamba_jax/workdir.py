@@ -76,7 +76,7 @@ def make_workdir(workdir: str) -> None:
 
 def _why_no_folder(path: str, e: OSError) -> str:
   if isinstance(e, FileExistsError) and not os.path.isdir(path):
-    return "is a file, expected a folder"
+    return f"is {fileio.what_is(path)}, expected a folder"
   if isinstance(e, NotADirectoryError):
     parent = os.path.dirname(path)
     while parent and parent != os.path.dirname(parent) and not os.path.exists(parent):

@@ -118,7 +118,8 @@ def _permission_denied_below(monkeypatch, folder):
   monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
 
 
-@pytest.mark.parametrize("case", ["file", "below_a_file", "below_read_only", "read_only"])
+@pytest.mark.parametrize("case", ["file", "below_a_file", "symlink_loop", "below_read_only",
+                                  "read_only"])
 def test_unusable_workdir(case, tmp_path, capsys, monkeypatch):
   root = tmp_path / "root"
   root.mkdir()
@@ -127,6 +128,10 @@ def test_unusable_workdir(case, tmp_path, capsys, monkeypatch):
     w, want = root / "afile", f"error: --workdir {root / 'afile'}: is a file, expected a folder"
   elif case == "below_a_file":
     w, want = root / "afile" / "sub" / "w", f": {root / 'afile'} is a file, expected a folder"
+  elif case == "symlink_loop":
+    w = root / "loop"
+    os.symlink(w, w)
+    want = f"error: --workdir {w}: is a symlink loop, expected a folder"
   elif case == "below_read_only":
     (root / "ro").mkdir()
     _permission_denied_below(monkeypatch, root / "ro")

@@ -52,3 +52,21 @@ def test_pth_without_torch_is_a_one_line_error(tmp_path):
   with pytest.raises(UserError, match=r"w\.pth: reading \.pth/\.pt needs torch") as e:
     fileio.read_torch_state_dict(str(path))
   assert "\n" not in str(e.value)
+
+
+def test_what_is_says_what_a_path_is(tmp_path):
+  """For messages: a path that is not what a command expected is named for what it is."""
+  loop, broken, folder = tmp_path / "loop", tmp_path / "broken", tmp_path / "folder.yaml"
+  os.symlink(loop, loop)
+  os.symlink(tmp_path / "nowhere", broken)
+  folder.mkdir()
+  (tmp_path / "file").write_text("x")
+  assert fileio.what_is(loop) == "a symlink loop"
+  assert fileio.what_is(broken) == f"a broken symlink (to {tmp_path / 'nowhere'})"
+  assert fileio.what_is(folder) == "a folder"
+  assert fileio.what_is(tmp_path / "file") == "a file"
+  assert fileio.what_is(tmp_path / "nothing") == "not found"
+  from dpmamba_jax.data import dataset_file
+  for path, what in ((folder, "is a folder"), (loop, "is a symlink loop")):
+    with pytest.raises(UserError, match=f"dataset file {path}: {what}; expected a YAML file"):
+      dataset_file.load_dataset_file(str(path))

@@ -99,6 +99,7 @@ def test_dataset_file_spec(scene_yaml):
     (dict(modalities=[{"name": "HSI", "file": "hsi.tif"}, {"name": "hsi", "file": "lidar.hdr"}]),
      ["modalities[1].name", "'hsi' is also modalities[0]"]),
     (dict(modalities=[{"name": "HSI", "file": "nothere.tif"}]), ["nothere.tif: file not found"]),
+    (dict(modalities=[{"name": "HSI", "file": "."}]), ["modalities[0].file", "is a folder"]),
     (dict(modalities=[{"name": "HSI", "file": "hsi.tif", "pca": 9}]),
      ["modalities[0].pca", "9 components", "8 bands"]),
     (dict(modalities=[{"name": "HSI", "file": "hsi.tif", "band": 3}]),
@@ -364,6 +365,9 @@ def test_predict_refuses_to_overwrite_and_bad_inputs(capsys, tmp_path, run_dir, 
       (bad / "nothere", [], ["--input", "nothere: not found"]),
       (scene_yaml, ["--batch", "1000000000"], ["--batch 1000000000", "at most 65536"]),
   ]
+  rc, _, err = _predict(capsys, "--model", student, "--input", scene_yaml,
+                        "--out", str(tmp_path / "map\udcff.tif"))  # the byte 0xff in argv
+  assert_one_line_error(rc, err, "--out", "map\\xff.tif", "not a UTF-8 path")
   before = listing(tmp_path)
   for src, extra, fragments in cases:
     rc, _, err = _predict(capsys, "--model", student, "--input", src,

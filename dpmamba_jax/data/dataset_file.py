@@ -37,6 +37,7 @@ from typing import Optional
 
 import yaml
 
+from dpmamba_jax import fileio
 from dpmamba_jax.data import datasets
 from dpmamba_jax.data import io
 from dpmamba_jax.errors import UserError
@@ -58,7 +59,9 @@ def is_dataset_file(path) -> bool:
 
 def _read_yaml(path: str) -> dict:
   if not os.path.isfile(path):
-    raise UserError(f"dataset file {path}: not found")
+    what = fileio.what_is(path)
+    raise UserError(f"dataset file {path}: " + (
+        "not found" if what == "not found" else f"is {what}; expected a YAML file"))
   try:
     with open(path, encoding="utf-8") as f:
       data = yaml.safe_load(f)
@@ -138,9 +141,11 @@ def _modalities(path: str, raw, scene_only: bool) -> list[dict]:
     if not isinstance(files, list) or not files:
       raise f.fail("files", f"{files!r}; expected a non-empty list of file paths")
     files = [f.path_of(p, "files" if "files" in m else "file") for p in files]
-    missing = [p for p in files if not os.path.exists(p)]
+    missing = [p for p in files if not os.path.isfile(p)]
     if missing and not scene_only:
-      raise f.fail("file", f"{missing[0]}: file not found")
+      what = fileio.what_is(missing[0])
+      raise f.fail("file", f"{missing[0]}: " + ("file not found" if what == "not found" else
+                                                f"is {what}"))
     nodata = m.get("nodata")
     if nodata is not None:
       if isinstance(nodata, str) and nodata.strip().lower() == "nan":

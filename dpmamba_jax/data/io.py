@@ -21,6 +21,7 @@ import scipy.io
 import scipy.io.matlab
 import scipy.sparse
 
+from dpmamba_jax import fileio
 from dpmamba_jax.data import datasets
 from dpmamba_jax.data import rasters
 from dpmamba_jax.data import synthetic
@@ -265,10 +266,10 @@ class _FileData:
 
 
 def _check_path(path: pathlib.Path) -> str:
-  if path.is_dir():
-    raise UserError(f"{path}: is a folder; expected a file ({_FORMATS})")
   if not path.is_file():
-    raise UserError(f"{path}: file not found")
+    what = fileio.what_is(path)
+    raise UserError(f"{path}: " + ("file not found" if what == "not found" else
+                                   f"is {what}; expected a file ({_FORMATS})"))
   ext = path.suffix.lower()
   if ext not in EXTENSIONS:
     raise UserError(f"{path}: unsupported file type {ext!r}; expected {_FORMATS}")
