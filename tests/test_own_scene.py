@@ -18,7 +18,7 @@ import yaml
 import scene_files
 from cli_errors import (assert_nothing_written, assert_one_line_error, listing,
                         private_text_cache, run_cli)
-from dpmamba_jax import checkpoint, evaluate, predict, train
+from dpmamba_jax import checkpoint, data, evaluate, predict, train
 from dpmamba_jax.data import __main__ as data_cli
 from dpmamba_jax.data import dataset_file, datasets, io, rasters
 from dpmamba_jax.data.preprocessing import InputTransform, fit_transform, make_split
@@ -393,3 +393,18 @@ def test_old_checkpoint_says_how_to_export(capsys, tmp_path, run_dir, scene_yaml
   rc, _, err = _predict(capsys, "--model", old / "student", "--input", scene_yaml,
                         "--out", tmp_path / "map.tif")
   assert rc == 0, err
+
+
+@pytest.mark.parametrize("lidar", [np.float32(1e30), np.float32(np.nan)])
+def test_a_wrong_byte_order_is_named_when_the_values_show_it(tmp_path, lidar):
+  """An ENVI header with the wrong byte order reads garbage: values far beyond any sensor's
+  (or NaN) are an error naming the file and the likely cause, before anything is trained."""
+  path = scene_files.write_scene(tmp_path)
+  img = tmp_path / "lidar.img"
+  values = np.fromfile(img, np.float32)
+  values[5] = lidar
+  values.tofile(img)
+  with pytest.raises(UserError) as e:
+    data.load_scene(dataset_file.load_dataset_file(str(path)))
+  msg = str(e.value)
+  assert "lidar" in msg and "byte order" in msg and "\n" not in msg, msg

@@ -409,7 +409,26 @@ def _check_finite(arr: np.ndarray, where: str, skip: Optional[np.ndarray] = None
     if bad.any():
       first = tuple(int(i) for i in np.argwhere(bad)[0])
       raise UserError(f"{where}: {int(bad.sum())} NaN/Inf values (first at index {first}); "
-                      f"expected finite values (or declare them nodata)")
+                      f"expected finite values (or declare them nodata; a wrong byte order or "
+                      f"data type in a header also gives these)")
+
+
+# Sensor values (reflectance, radiance, heights, backscatter, their integer scalings) stay far
+# below this; a float raster read with the wrong byte order or data type reaches it.
+ABSURD_MAGNITUDE = 1e12
+
+
+def _check_magnitude(arr: np.ndarray, where: str, skip: Optional[np.ndarray] = None) -> None:
+  """Finite float values beyond ABSURD_MAGNITUDE (outside the nodata pixels `skip`) are an error
+  naming the likely cause."""
+  if arr.dtype.kind != "f":
+    return
+  valid = arr if skip is None else arr[~skip]
+  top = float(np.abs(valid).max(initial=0.0))
+  if top > ABSURD_MAGNITUDE:
+    raise UserError(f"{where}: values reach {top:.3g}, absurd for sensor data: the header's byte "
+                    f"order or data type is likely wrong (ENVI 'byte order' / 'data type'), or "
+                    f"these pixels are a nodata value to declare")
 
 
 def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labels: np.ndarray,
@@ -448,6 +467,7 @@ def validate_scene(spec: datasets.DatasetSpec, cubes: Sequence[np.ndarray], labe
       raise UserError(f"{names[i]}: {mod} is {cube.shape[0]}x{cube.shape[1]} but "
                       f"{spec.modalities[0]} is {h}x{w}; all modalities must have the same H x W")
     _check_finite(cube, names[i], nodata[i])
+    _check_magnitude(cube, names[i], nodata[i])
     out.append(np.asarray(cube, np.float32))
   h, w = out[0].shape[:2]
   lab = np.asarray(labels)
