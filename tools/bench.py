@@ -38,7 +38,7 @@ steps: patch gather from the on-device scene, model, loss, grad, AdamW; the real
 
 `--scan-impl all` runs both selective-scan implementations (recurrent, associative) side by side.
 
-`--method NAME` (shaspec, dgdnet, mshnet; default dpmamba, everything above) benchmarks a
+`--method NAME` (a comparison method; default dpmamba, everything above) benchmarks a
 comparison method instead, at the shapes its resolved config gives (config.resolve with
 methods.defaults: e.g. every raw band with `pca: none`, its patch and batch size; text_dim 1):
 each stage's model is built in order (the earlier ones frozen, as trained here) and its real
@@ -506,7 +506,8 @@ def format_method_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   ap = errors.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--method", default="dpmamba",
-                  help="dpmamba (default), or a comparison method: shaspec, dgdnet, mshnet")
+                  help="dpmamba (default), or a comparison method: shaspec, dgdnet, mshnet, "
+                       "hct, sal2rn, crosshl")
   ap.add_argument("--dataset", action="append", help="trento (default), houston, augsburg, ...")
   ap.add_argument("--scan-impl", action="append",
                   help="auto (default), recurrent, associative, or all")
