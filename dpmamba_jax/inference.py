@@ -475,7 +475,8 @@ def predict_to_files(model_dir: str, source: str, paths: dict, *, missing: Seque
   with contextlib.ExitStack() as stack:  # an error: no output file appears (writers' __exit__)
     writers = [stack.enter_context(rasters.GeoTiffWriter(
         paths["map"], height=scene.height, width=scene.width, count=1, dtype="uint8",
-        georef=scene.georef, nodata=0, colormap=_colormap(palette), band_descriptions=["class"]))]
+        georef=scene.georef, nodata=0, colormap=_colormap(palette), band_descriptions=["class"],
+        category_names=["no data", *names]))]
     if probabilities:
       writers.append(stack.enter_context(rasters.GeoTiffWriter(
           paths["probabilities"], height=scene.height, width=scene.width,

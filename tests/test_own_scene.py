@@ -261,6 +261,8 @@ def test_predict_equals_the_runs_maps_and_keeps_the_georeference(capsys, tmp_pat
   assert tuple(transform)[:6] == scene_files.TRANSFORM
   with rasterio.open(out) as f:
     assert f.nodata == 0 and f.colormap(1)[1][3] == 255 and f.colormap(1)[0][3] == 0
+  names = (tmp_path / "map.tif.aux.xml").read_text()  # GDAL's sidecar: the class names
+  assert f"<Category>{scene_files.CLASSES[0]}</Category>" in names
   ids = ids[0]
   full = np.load(run_dir / "maps" / "student_complete_full.npy")  # 0 where no data, too
   np.testing.assert_array_equal(ids, full)

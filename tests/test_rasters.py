@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -154,6 +155,26 @@ def test_colormap_and_band_descriptions(tmp_path):
   np.testing.assert_array_equal(rasters.open_raster(tmp_path / "map.tif").read()[..., 0], classes)
   with pytest.raises(ValueError):
     rasters.write_geotiff(tmp_path / "f.tif", classes.astype(np.float32), None, colormap=colours)
+
+
+def test_category_names_in_gdals_sidecar(tmp_path):
+  """Class names go to `<map>.aux.xml` (GDAL's PAM file; gdalinfo lists them as "Categories",
+  QGIS as the legend), escaped, one per value from 0; written only with the GeoTIFF."""
+  path = tmp_path / "map.tif"
+  names = ["no data", "Grass & <trees>", "Roads"]
+  with rasters.GeoTiffWriter(path, height=H, width=W, count=1, dtype="uint8", georef=_georef(),
+                             nodata=0, category_names=names) as w:
+    w.write_rows(0, np.ones((H, W), np.uint8))
+  root = ElementTree.parse(f"{path}.aux.xml").getroot()
+  band = root.find("PAMRasterBand")
+  assert band.get("band") == "1"
+  assert [c.text for c in band.find("CategoryNames")] == names
+  failed = tmp_path / "failed.tif"
+  with pytest.raises(RuntimeError):
+    with rasters.GeoTiffWriter(failed, height=H, width=W, count=1, dtype="uint8", georef=None,
+                               category_names=names):
+      raise RuntimeError("stopped")
+  assert not os.path.exists(f"{failed}.aux.xml") and not failed.exists()
 
 
 def test_streaming_writer_equals_write_geotiff(tmp_path):

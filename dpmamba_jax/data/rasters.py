@@ -15,6 +15,7 @@ import pathlib
 import re
 import tempfile
 import warnings
+import xml.sax.saxutils
 from typing import Optional, Sequence
 
 import affine
@@ -494,10 +495,14 @@ class GeoTiffWriter:
   `path` only when the block exits without an exception; otherwise the temporary file is deleted
   and nothing appears at `path`. dtype float16 is stored as float32, bool as uint8. colormap
   ({value: (r, g, b, a)}) is set on band 1 (uint8 only); georef None: no CRS, no transform.
+  category_names (name of value 0, 1, ...; band 1) go to GDAL's sidecar `<path>.aux.xml` (PAM,
+  where GDAL keeps a GeoTIFF's category names), written once the GeoTIFF is in place, so that
+  gdalinfo and QGIS show class names.
   """
 
   def __init__(self, path, *, height: int, width: int, count: int, dtype,
-               georef: Optional[GeoRef], nodata=None, colormap=None, band_descriptions=None):
+               georef: Optional[GeoRef], nodata=None, colormap=None, band_descriptions=None,
+               category_names: Optional[Sequence[str]] = None):
     self.path = pathlib.Path(path)
     self.shape = (int(count), int(height), int(width))
     self.dtype = _storage_dtype(dtype)
@@ -509,6 +514,7 @@ class GeoTiffWriter:
       raise ValueError(f"{len(band_descriptions)} band descriptions for {count} bands")
     self._georef, self._nodata = georef, nodata
     self._colormap, self._descriptions = colormap, band_descriptions
+    self._categories = None if category_names is None else [str(c) for c in category_names]
     self._ds, self._tmp = None, None
 
   def __enter__(self) -> GeoTiffWriter:
@@ -565,6 +571,8 @@ class GeoTiffWriter:
         self._ds.close()
       fileio.give_ordinary_permissions(self._tmp)
       os.replace(self._tmp, self.path)
+      if self._categories is not None:
+        fileio.write_text(f"{self.path}.aux.xml", pam_category_names(self._categories))
     except BaseException as e:
       self._discard()
       if isinstance(e, (rasterio.errors.RasterioError, OSError)):
@@ -579,6 +587,13 @@ class GeoTiffWriter:
     if self._tmp is not None and os.path.exists(self._tmp):
       os.unlink(self._tmp)
     self._ds = self._tmp = None
+
+
+def pam_category_names(names: Sequence[str]) -> str:
+  """GDAL's PAM sidecar XML giving band 1 the category names `names` (value i: names[i])."""
+  cats = "".join(f"      <Category>{xml.sax.saxutils.escape(n)}</Category>\n" for n in names)
+  return ("<PAMDataset>\n  <PAMRasterBand band=\"1\">\n    <CategoryNames>\n" + cats +
+          "    </CategoryNames>\n  </PAMRasterBand>\n</PAMDataset>\n")
 
 
 def write_geotiff(path, array: np.ndarray, georef: Optional[GeoRef], *, nodata=None,
