@@ -174,6 +174,17 @@ def has_inputs(path) -> bool:
   return os.path.isdir(os.path.join(_abs(path), "inputs"))
 
 
+def inputs_intact(path) -> bool:
+  """Whether the model checkpoint at `path` has its `inputs` and they read back."""
+  if not has_inputs(path):
+    return False
+  try:
+    load_inputs(path)
+  except DamagedCheckpoint:
+    return False
+  return True
+
+
 def load_inputs(path, *, hint: str | None = None) -> dict:
   """The `inputs` JSON of a model checkpoint. A checkpoint written before models kept their
   input transform has none: a UserError saying how to add it (`hint`)."""
@@ -197,11 +208,13 @@ def load_inputs(path, *, hint: str | None = None) -> dict:
   return got
 
 
-def add_inputs(path, inputs: dict) -> None:
+def add_inputs(path, inputs: dict, *,
+               rebuild: Callable[[dict], nnx.Module] | None = None) -> None:
   """Rewrites the model checkpoint at `path` with `inputs` (for checkpoints saved before models
-  kept them): the new copy is complete before the old one is removed."""
+  kept them, or whose inputs are damaged): the new copy is complete before the old one is
+  removed. rebuild: as load_model's (a comparison method's model)."""
   path = _abs(path)
-  model, cfg, meta = load_model(path)
+  model, cfg, meta = load_model(path, rebuild=rebuild)
   tmp, old = path + ".with-inputs", path + ".without-inputs"
   for p in (tmp, old):
     if os.path.exists(p):

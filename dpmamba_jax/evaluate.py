@@ -88,13 +88,17 @@ def main(argv=None) -> int:
       path, hint = cfg.teacher_ckpt, f"check teacher_ckpt in {cfg_path}"
     if any(r not in models for r in stage.reads) and stage.restore is not None:
       continue  # a comparison method's model needs the earlier ones it was built from
+    frozen = {k: models[k] for k in stage.reads if k in models}
     if args.export_inputs and path == os.path.join(workdir, stage.model):
-      if checkpoint.has_inputs(path):
+      if checkpoint.inputs_intact(path):
         print(f"{path}: has its input transform already")
       else:
-        checkpoint.add_inputs(path, run.saved_inputs(rd))
-        print(f"{path}: input transform and dataset definition added")
-    frozen = {k: models[k] for k in stage.reads if k in models}
+        damaged = checkpoint.has_inputs(path)
+        rebuild = (None if stage.restore is None else
+                   lambda saved, restore=stage.restore: restore(saved, frozen))
+        checkpoint.add_inputs(path, run.saved_inputs(rd), rebuild=rebuild)
+        print(f"{path}: input transform and dataset definition "
+              f"{'rebuilt (they were damaged)' if damaged else 'added'}")
     models[stage.model], metas[stage.name] = methods.load_stage_model(
         stage, path, frozen, scan_impl=cfg.scan_impl or "auto", hint=hint)
   scored = [s for s in meth.scored if all(n in models for n in s.needs)]

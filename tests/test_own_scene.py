@@ -395,6 +395,15 @@ def test_old_checkpoint_says_how_to_export(capsys, tmp_path, run_dir, scene_yaml
   rc, _, err = _predict(capsys, "--model", old / "student", "--input", scene_yaml,
                         "--out", tmp_path / "map.tif")
   assert rc == 0, err
+  # damaged inputs: the advised repair rebuilds them
+  (old / "student" / "inputs" / "metadata").write_text('{"transform": ')
+  rc, _, err = _predict(capsys, "--model", old / "student", "--input", scene_yaml,
+                        "--out", tmp_path / "map2.tif")
+  assert_one_line_error(rc, err, "inputs/metadata", "--export-inputs")
+  rc, out, err = run_cli(capsys, evaluate.main, ["--workdir", old, "--export-inputs"])
+  assert rc == 0, err
+  assert "input transform and dataset definition rebuilt (they were damaged)" in out
+  assert checkpoint.load_inputs(old / "student") == checkpoint.load_inputs(run_dir / "student")
 
 
 @pytest.mark.parametrize("lidar", [np.float32(1e30), np.float32(np.nan)])
