@@ -1,6 +1,10 @@
 """Shared by the comparison methods' parity tests (tests/test_peers_*.py): the tolerance and the
 helpers for reading their golden files (../shared/parity/peers/<method>_*.npz)."""
+import jax
 import numpy as np
+from flax import nnx
+
+from conftest import parity_dir
 
 REL = 1e-4  # relative to the largest magnitude of the reference
 
@@ -22,3 +26,18 @@ class KeyRecorder(dict):
   def __getitem__(self, k):
     self.read.add(k)
     return super().__getitem__(k)
+
+
+def golden_files(method: str) -> list:
+  """The method's golden files, <parity dir>/peers/<method>_*.npz (sorted)."""
+  return sorted((parity_dir() / "peers").glob(f"{method}_*.npz"))
+
+
+def shell(build, fill=np.zeros):
+  """The module `build()` returns, traced from shapes only (its random initialisers never run:
+  eager jax ops compile once per shape and dominate a test's time), every variable the host
+  array fill(shape, dtype), one transfer each."""
+  model = nnx.eval_shape(build)
+  nnx.update(model, jax.tree.map(lambda s: jax.device_put(fill(s.shape, s.dtype)),
+                                 nnx.state(model)))
+  return model

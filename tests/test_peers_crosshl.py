@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import peer_golden
 from conftest import parity_dir
 from peer_golden import KeyRecorder, assert_close
 from flax import nnx
@@ -15,7 +16,7 @@ from dpmamba_jax import method
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import crosshl
 
-FILES = sorted((parity_dir() / "peers").glob("crosshl_*.npz"))
+FILES = peer_golden.golden_files("crosshl")
 
 
 def _abstract(cfg):

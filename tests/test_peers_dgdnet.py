@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import peer_golden
 from conftest import parity_dir
 from peer_golden import KeyRecorder
 from flax import nnx
@@ -18,7 +19,7 @@ from dpmamba_jax import method
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import dgdnet
 
-_FILES = sorted((parity_dir() / "peers").glob("dgdnet_*.npz"))
+_FILES = peer_golden.golden_files("dgdnet")
 _IDS = [p.stem for p in _FILES] or ["missing"]
 
 

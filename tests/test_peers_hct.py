@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import peer_golden
 from conftest import parity_dir
 from peer_golden import KeyRecorder, assert_close
 from flax import nnx
@@ -16,17 +17,14 @@ from dpmamba_jax import method
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import hct
 
-_FILES = sorted((parity_dir() / "peers").glob("hct_*.npz"))
+_FILES = peer_golden.golden_files("hct")
 _IDS = [p.stem for p in _FILES] or ["missing"]
 
 
 def _shell(cfg, fill=np.nan):
   """An HCT built without running its random initialisers, every variable `fill`."""
-  model = nnx.eval_shape(lambda: hct.HCT(cfg, rngs=nnx.Rngs(0)))
-  # numpy, then one transfer each: eager jnp.full would compile once per shape
-  nnx.update(model, jax.tree.map(lambda s: jnp.asarray(np.full(s.shape, fill, s.dtype)),
-                                 nnx.state(model)))
-  return model
+  return peer_golden.shell(lambda: hct.HCT(cfg, rngs=nnx.Rngs(0)),
+                           lambda shape, dtype: np.full(shape, fill, dtype))
 
 
 class Golden:

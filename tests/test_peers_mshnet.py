@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import peer_golden
 from conftest import parity_dir
 from dpmamba_jax import method
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import mshnet as msh
 
-FILES = sorted((parity_dir() / "peers").glob("mshnet_*.npz"))
+FILES = peer_golden.golden_files("mshnet")
 RTOL = 1e-4
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import peer_golden
 from conftest import parity_dir
 from peer_golden import assert_close
 from dpmamba_jax import config, errors, method, steps
@@ -17,7 +18,7 @@ from dpmamba_jax.data.patches import ShuffleSampler
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import sal2rn
 
-FILES = sorted((parity_dir() / "peers").glob("sal2rn_*.npz"))
+FILES = peer_golden.golden_files("sal2rn")
 OUTPUTS = ("logits", "logits_spatial", "logits_spectral", "logits_lidar", "spatial_feature",
            "spatial_hidden", "lidar_feature")
 
@@ -25,10 +26,7 @@ OUTPUTS = ("logits", "logits_spatial", "logits_spectral", "logits_lidar", "spati
 def _shell(cfg, fill=np.zeros):
   """A Sal2RN whose variables are host arrays fill(shape, dtype), built without running the
   random initialisers (eager jax ops compile once per shape and dominate a test's time)."""
-  model = sal2rn._shell(cfg)
-  nnx.update(model, jax.tree.map(lambda s: jax.device_put(fill(s.shape, s.dtype)),
-                                 nnx.state(model)))
-  return model
+  return peer_golden.shell(lambda: sal2rn.Sal2RN(cfg, rngs=nnx.Rngs(0)), fill)
 
 
 def _noisy(cfg, seed):

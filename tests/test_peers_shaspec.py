@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import peer_golden
 from conftest import parity_dir
 from peer_golden import assert_close
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import shaspec
 
-FILES = sorted((parity_dir() / "peers").glob("shaspec_*.npz"))
+FILES = peer_golden.golden_files("shaspec")
 
 
 def _nchw_to_nhwc(a):
@@ -23,9 +24,7 @@ def _nchw_to_nhwc(a):
 def _shell(cfg):
   """A ShaSpec with zero-filled variables, built without running the random initialisers
   (their first compilation dominates a test's time)."""
-  model = nnx.eval_shape(lambda: shaspec.ShaSpec(cfg, rngs=nnx.Rngs(0)))
-  nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(model)))
-  return model
+  return peer_golden.shell(lambda: shaspec.ShaSpec(cfg, rngs=nnx.Rngs(0)))
 
 
 class Golden:
