@@ -7,7 +7,8 @@ Layout of a model checkpoint directory (`save_model`):
   inputs/  JSON: how to read and transform a new scene (dataset definition, the input transform
            fitted at training time, the class-text features; run.saved_inputs), for `predict`
 Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a
-half-written checkpoint that looks finished.
+half-written checkpoint that looks finished; a full disk while saving is one line (errors.NoSpace
+naming the checkpoint) and its temporary directory is removed.
 
 Damaged files (truncated, garbage, partly deleted) are reported, not tracebacks: `load_model` raises
 `DamagedCheckpoint` (a UserError naming the folder, the part and the reason, plus the caller's
@@ -16,17 +17,20 @@ checkpoint, deleting the damaged ones with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from dpmamba_jax import errors
+from dpmamba_jax import fileio
 from dpmamba_jax.model import network
 
 
@@ -66,33 +70,44 @@ def describe_read_error(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def _quiet_abandoned_reads() -> None:
-  """Hides the noise of a failed orbax read (installed once, before the first restore).
+def _quiet_abandoned_io() -> None:
+  """Hides the noise of a failed orbax read or write (installed once, before the first one).
 
-  When one read fails, orbax closes its event loop while tensorstore still completes the other
-  reads: their callbacks into the closed loop (RuntimeError('Event loop is closed') from asyncio's
-  _check_closed) and the read coroutines left unfinished (failing later, or closed when
-  collected) are reported as unraisable-exception tracebacks, one per array, around our one-line
-  message. Exactly those are dropped; anything else goes to the previous hook.
+  When one read or write fails, orbax closes its event loop while tensorstore still completes
+  the others: their callbacks into the closed loop (RuntimeError('Event loop is closed') from
+  asyncio's _check_closed, printed through sys.excepthook or as unraisable) and the read
+  coroutines left unfinished (failing later, or closed when collected) are reported as
+  tracebacks, one per array, around our one-line message. Exactly those are dropped; anything
+  else goes to the previous hooks.
   """
   prev = sys.unraisablehook
-  if getattr(prev, "_drops_abandoned_reads", False):
+  if getattr(prev, "_drops_abandoned_io", False):
     return
 
-  def hook(u):
+  def unraisable(u):
     if not _abandoned_read(u):
       prev(u)
 
-  hook._drops_abandoned_reads = True
-  sys.unraisablehook = hook
+  prev_except = sys.excepthook
+
+  def excepthook(tp, e, tb):
+    if not _closed_loop_callback(e, tb):
+      prev_except(tp, e, tb)
+
+  unraisable._drops_abandoned_io = True
+  sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+def _closed_loop_callback(e, tb) -> bool:
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (type(e) is RuntimeError and str(e) == "Event loop is closed" and tb is not None
+          and tb.tb_frame.f_code.co_name == "_check_closed")
 
 
 def _abandoned_read(u) -> bool:
-  e, tb = u.exc_value, u.exc_traceback
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  if (type(e) is RuntimeError and str(e) == "Event loop is closed" and tb is not None
-      and tb.tb_frame.f_code.co_name == "_check_closed"):
+  e = u.exc_value
+  if _closed_loop_callback(e, u.exc_traceback):
     return True
   # an orbax read coroutine left unfinished: it failed after the loop closed, or it is closed
   # when collected (orbax turns the GeneratorExit into a bare Exception)
@@ -100,6 +115,33 @@ def _abandoned_read(u) -> bool:
   return (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename and e is not None
           and (read_error(e) is not None
                or (type(e) is Exception and isinstance(e.__cause__, GeneratorExit))))
+
+
+class _DropNoSpaceLogs(logging.Filter):
+  """Orbax logs each failed write thread's error (tensorstore's spec dump included) before the
+  save raises, and asyncio each unfinished write task's when it is collected; a full disk is
+  reported once, by `_saving`."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not errors.mentions_no_space(record.getMessage())
+
+
+for _logger in ("absl", "asyncio"):
+  logging.getLogger(_logger).addFilter(_DropNoSpaceLogs())
+
+
+@contextlib.contextmanager
+def _saving(path: str) -> Iterator[None]:
+  """A full disk while orbax writes the checkpoint `path`: its temporary folder removed, then
+  NoSpace naming `path` (one line); the checkpoint before it, if any, is untouched."""
+  _quiet_abandoned_io()
+  try:
+    yield
+  except Exception as e:  # noqa: BLE001 - only a full disk is converted; the rest re-raised
+    if not errors.is_no_space(e):
+      raise
+    fileio.remove_stale_temps(os.path.dirname(path), names={os.path.basename(path)})
+    raise fileio.no_space_error(path) from None
 
 
 def _damaged(path: str, part: str, reason: str, hint: str | None) -> DamagedCheckpoint:
@@ -166,7 +208,7 @@ def save_model(path, model: nnx.Module, cfg, meta: dict | None = None,
                meta=ocp.args.JsonSave(json_ready(dict(meta or {}))))
   if inputs is not None:
     items["inputs"] = ocp.args.JsonSave(json_ready(inputs))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+  with _saving(path), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(path, args=ocp.args.Composite(**items), force=True)
 
 
@@ -219,7 +261,11 @@ def add_inputs(path, inputs: dict, *,
   for p in (tmp, old):
     if os.path.exists(p):
       shutil.rmtree(p)
-  save_model(tmp, model, cfg, meta, inputs)
+  try:
+    save_model(tmp, model, cfg, meta, inputs)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   os.replace(path, old)
   os.replace(tmp, path)
   shutil.rmtree(old)
@@ -284,7 +330,7 @@ def load_model(path, *, scan_impl: str = "auto", hint: str | None = None,
   if not is_model_checkpoint(path):
     raise errors.UserError(f"{path}: not a model checkpoint (expected state/ and config/ "
                            "written by dpmamba_jax.checkpoint.save_model)")
-  _quiet_abandoned_reads()
+  _quiet_abandoned_io()
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     saved = _restore_json(ckptr, path, "config", hint)
     meta = _restore_json(ckptr, path, "meta", hint)
@@ -318,16 +364,19 @@ class TrainCheckpoints:
     self._mgr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
 
   def latest_epoch(self) -> int | None:
     return self._mgr.latest_step()
 
   def save(self, epoch: int, state: Any, meta: dict) -> None:
-    self._mgr.save(int(epoch), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_as_dict(state)),
-        meta=ocp.args.JsonSave(json_ready(dict(meta)))), force=True)
-    self._mgr.wait_until_finished()
+    """Saves epoch `epoch`; a full disk is NoSpace naming its folder, nothing left of it."""
+    with _saving(os.path.join(self.directory, str(int(epoch)))):
+      self._mgr.save(int(epoch), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_as_dict(state)),
+          meta=ocp.args.JsonSave(json_ready(dict(meta)))), force=True)
+      self._mgr.wait_until_finished()
 
   def restore(self, like_state: Any, epoch: int | None = None) -> tuple[Any, dict]:
     """Restores into the structure of `like_state` (a TrainState); returns (state, meta)."""
@@ -335,7 +384,7 @@ class TrainCheckpoints:
     if epoch is None:
       raise FileNotFoundError(f"no training checkpoint in {self.directory}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_dict(like_state))
-    _quiet_abandoned_reads()
+    _quiet_abandoned_io()
     r = self._mgr.restore(int(epoch), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     meta = r["meta"]

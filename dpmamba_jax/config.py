@@ -9,7 +9,7 @@ import math
 import os
 import types
 import typing
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import yaml
 
@@ -110,7 +110,8 @@ class RunConfig:
   ckpt_every: int = 25                   # epochs between training checkpoints
   eval_batch: int = 512
   eval_subsample: int = 0                # 0: every test pixel; N: a fixed random N of them (grids)
-  maps: bool = True
+  maps: Union[bool, str] = True          # true: the method's own model's maps (DPMamba: the
+                                         # student); false: none; all: every scored model's
   compile_cache: bool = True
   data_parallel: bool = True             # shard batches over all devices when there are several
 
@@ -155,12 +156,32 @@ def _parse_bool(v) -> bool:
   raise ValueError("expected true/false")
 
 
+MAPS_EXPECTED = ("true (the method's own model), false (no maps) or all (every scored model, "
+                 "DPMamba's teacher too)")
+
+
+def parse_maps(value: Any) -> Union[bool, str]:
+  """The `maps` key: True, False or "all" from a bool or a string (true/false/yes/no/on/off/1/0,
+  all); ValueError otherwise."""
+  if isinstance(value, str) and value.strip().lower() == "all":
+    return "all"
+  try:
+    return _parse_bool(value)
+  except ValueError:
+    raise ValueError(f"expected {MAPS_EXPECTED}") from None
+
+
 def coerce(key: str, value: Any, where: str = "--set") -> Any:
   """Converts `value` (a string from the CLI, or a YAML/JSON value) to the type of `key`."""
   hints = _hints()
   if key not in hints:
     raise errors.UserError(f"{where}: unknown config key {key!r}; expected one of "
                            f"{', '.join(field_names())}")
+  if key == "maps":  # true / false / all
+    try:
+      return parse_maps(value)
+    except ValueError as e:
+      raise errors.UserError(f"{where}: maps={value!r}: {e}") from None
   tp = hints[key]
   args = typing.get_args(tp)
   optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
@@ -345,6 +366,8 @@ def _validate(cfg: RunConfig, spec) -> None:
   for k in ("epochs_pretrain", "epochs_distill", "warmup_epochs"):
     if getattr(cfg, k) < 0:
       bad(k, "an int >= 0")
+  if cfg.maps not in (True, False, "all") or not isinstance(cfg.maps, (bool, str)):
+    bad("maps", MAPS_EXPECTED)
   if cfg.eval_subsample < 0:
     bad("eval_subsample", "an int >= 0 (0 = every test pixel)")
   for k in ("batch_size", "train_per_class", "patch_size", "log_every", "ckpt_every",

@@ -25,6 +25,14 @@ from dpmamba_jax import methods  # noqa: E402
 from dpmamba_jax import metrics as metrics_lib  # noqa: E402
 from dpmamba_jax import run  # noqa: E402
 from dpmamba_jax import trainer  # noqa: E402
+from dpmamba_jax import workdir as workdir_lib  # noqa: E402
+
+
+def _maps_value(value: str) -> str:
+  """--maps all (--maps alone: the method's own model)."""
+  if value.strip().lower() != "all":
+    raise argparse.ArgumentTypeError(f"{value!r}: expected all, or nothing after --maps")
+  return "all"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,8 +50,14 @@ def _parser() -> argparse.ArgumentParser:
                       "checkpoints kept them (needed by python -m dpmamba_jax.predict), then "
                       "evaluate")
   p.add_argument("--batch", type=int, default=None, help="inference batch (default: config)")
-  p.add_argument("--maps", action=argparse.BooleanOptionalAction, default=False,
-                 help="also write the classification maps (default off here)")
+  p.add_argument("--maps", nargs="?", const=True, default=False, type=_maps_value,
+                 metavar="all",
+                 help="also write the classification maps (default off here): of the method's "
+                      "own model (DPMamba: the student), or with --maps all of every scored "
+                      "model (DPMamba's teacher too). They reuse the evaluation's predictions "
+                      "of the test pixels and classify only the other pixels")
+  p.add_argument("--no-maps", dest="maps", action="store_const", const=False,
+                 help=argparse.SUPPRESS)
   p.add_argument("--no-compile-cache", action="store_true",
                  help="disable the persistent XLA compilation cache")
   return p
@@ -57,6 +71,12 @@ def main(argv=None) -> int:
   if not os.path.isfile(cfg_path):
     raise errors.UserError(f"{cfg_path}: not found; expected a workdir written by "
                            "python -m dpmamba_jax.train")
+  with workdir_lib.lock_workdir(workdir, lambda msg: print(msg, file=sys.stderr)):
+    return _evaluate_workdir(args, workdir, cfg_path)
+
+
+def _evaluate_workdir(args, workdir: str, cfg_path: str) -> int:
+  """main, with the workdir locked (a training or another evaluation there stops this one)."""
   saved = config_lib.read_saved_config(
       cfg_path, "this workdir's settings cannot be read: restore the file, or train again in a "
       "new --workdir")
@@ -114,13 +134,16 @@ def main(argv=None) -> int:
             f"{others} only", file=sys.stderr)
   epochs = {name: meta.get("epochs", 0) for name, meta in metas.items()}
   walls = {name: meta.get("wall_time_s", 0.0) for name, meta in metas.items()}
+  predictions: dict = {}  # the evaluation's: the maps reuse them
   metrics_lib.evaluate_run(rd, workdir, meth, models, epochs=epochs, wall_time_s=walls,
-                           batch=cfg.eval_batch)
-  if args.maps:
-    first = scored[0]
-    maps.write_all_maps(rd, first.classifier(models), os.path.join(workdir, "maps"),
-                        batch=cfg.eval_batch, which=first.key,
-                        comparison=os.path.join(workdir, f"comparison_{first.key}.png"))
+                           batch=cfg.eval_batch, predictions=predictions)
+  drawn = maps.maps_models(scored, args.maps)  # --maps: the method's model; --maps all: every one
+  if drawn:
+    done = maps.complete_maps(workdir, scored[0].key)
+    record = maps.write_maps(rd, workdir, [(s.key, s.classifier(models)) for s in drawn],
+                             batch=cfg.eval_batch, predictions=predictions)
+    workdir_lib.RunLog(workdir).record(record)
+    maps.mark_complete(workdir, sorted(done | {s.key for s in drawn}))
   return 0
 
 

@@ -5,16 +5,19 @@ killed mid-write) sees either the old file or the whole new one, never a half-wr
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
-from dpmamba_jax.errors import UserError
+from dpmamba_jax.errors import NoSpace, UserError, is_no_space
 
 
 # The process umask, read once (os.umask can only be read by setting it).
@@ -48,24 +51,91 @@ def what_is(path: str | os.PathLike) -> str:
   return "neither a file nor a folder"
 
 
+# ----------------------------------------------------------------------------------------------
+# A full disk.
+
+NO_SPACE_HINT = "free some space, then rerun the same command"
+
+
+def no_space_error(path: str | os.PathLike, hint: str = NO_SPACE_HINT) -> NoSpace:
+  return NoSpace(f"{os.fspath(path)}: no space left on device; {hint}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, hint: str = NO_SPACE_HINT) -> Iterator[None]:
+  """A full disk while the block writes `path` becomes NoSpace naming `path` (one line)."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - only a full disk is converted; the rest re-raised
+    if is_no_space(e):
+      raise no_space_error(path, hint) from None
+    raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes and what a killed one leaves.
+
+# mkstemp's names: prefix + 8 characters of [a-z0-9_] + suffix (ENVI's pair: .tmp.hdr, .tmp.img)
+_TEMP_FILE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(\.hdr|\.img)?$")
+ORBAX_TEMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's folder being written, renamed when complete
+_ORBAX_TEMP = re.compile(r"^(?P<name>[^.].*)\.orbax-checkpoint-tmp(-\d+)?$")
+
+
+def temp_file(path: str | os.PathLike) -> str:
+  """A new empty temporary file beside `path` (`.NAME.XXXXXXXX.tmp`, 0600), for an atomic write
+  of `path`; `remove_stale_temps` knows its name."""
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  return tmp
+
+
+def remove_stale_temps(folder: str | os.PathLike, names=None) -> list[str]:
+  """Removes what killed writes of ours left in `folder`: `.NAME.XXXXXXXX.tmp` files and orbax's
+  `NAME.orbax-checkpoint-tmp*` folders (with `names`, only those of these file names). Call it
+  only while holding the lock of whatever writes there (locks.py). Returns the removed paths."""
+  removed = []
+  try:
+    entries = list(os.scandir(folder))
+  except OSError:
+    return removed
+  for entry in entries:
+    m = _TEMP_FILE.match(entry.name) or _ORBAX_TEMP.match(entry.name)
+    if m is None or (names is not None and m["name"] not in names):
+      continue
+    try:
+      if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+      else:
+        os.unlink(entry.path)
+      removed.append(entry.path)
+    except OSError:
+      pass  # not ours to remove after all (permissions): left as it is
+  return removed
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None) -> None:
   """Writes `data` to `path` atomically (parent folders are created); permissions `mode`, or
-  those of an ordinary new file."""
+  those of an ordinary new file. A full disk: NoSpace naming `path`, nothing left behind."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  tmp = None
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    if mode is None:
-      give_ordinary_permissions(tmp)
-    else:
-      os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    with writing(path):
+      tmp = temp_file(path)
+      with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      if mode is None:
+        give_ordinary_permissions(tmp)
+      else:
+        os.chmod(tmp, mode)
+      os.replace(tmp, path)
   except BaseException:
-    if os.path.exists(tmp):
+    if tmp is not None and os.path.exists(tmp):
       os.unlink(tmp)
     raise
 

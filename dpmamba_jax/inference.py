@@ -218,14 +218,16 @@ class Predictor:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
   def predict_pixels(self, scene, z, flat_idx: np.ndarray, mask_row: np.ndarray | None = None,
-                     *, desc: str | None = None) -> np.ndarray:
+                     *, desc: str | None = None, progress=None) -> np.ndarray:
     """0-based predictions (N,) for flat pixel indices (N,); with `scores`, the pair
     (predictions (N,), class probabilities (N, C) float32).
 
     scene: `prepare_scene` of the cubes (plain cubes are prepared here, once per call); z: (C, D)
     text features; mask_row: (M,) 1 = present, or None (complete); desc: a progress bar label
-    (None: no bar). Only the (batch,) indices go to the device per batch and only the (batch,)
-    predictions come back; the next batch runs while the previous one is fetched.
+    (None: no bar); progress: a bar of the caller's (tqdm-like, `.update(n)`) advanced by the
+    pixels of each batch as it comes back, instead of a bar of this call's own. Only the (batch,)
+    indices go to the device per batch and only the (batch,) predictions come back; the next
+    batch runs while the previous one is fetched.
     """
     flat_idx = np.asarray(flat_idx, np.int32)
     n, batch, m_count = flat_idx.shape[0], self.batch, self.num_modalities
@@ -252,10 +254,12 @@ class Predictor:
       for o, p in zip(out, pred if self.scores else (pred,)):
         o[j * batch:(j + 1) * batch] = np.asarray(jax.device_get(p))
       bar.update(1)
+      if progress is not None:
+        progress.update(min(batch, n - j * batch))
 
     pending = None
-    bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=desc is None,
-               mininterval=1.0)
+    bar = tqdm(total=n_batches, desc=desc, unit="batch", leave=False,
+               disable=desc is None or progress is not None, mininterval=1.0)
     for i in range(n_batches):
       pred = self.predict_batch(scene, z, to_device(padded[i * batch:(i + 1) * batch]), mask)
       if pending is not None:  # fetch the previous batch while this one runs
@@ -266,15 +270,48 @@ class Predictor:
     return (out[0][:n], out[1][:n]) if self.scores else out[0][:n]
 
   def predict_scene(self, scene, z, height: int, mask_row: np.ndarray | None = None, *,
-                    desc: str | None = None) -> np.ndarray:
+                    desc: str | None = None, progress=None, known=None,
+                    skip: np.ndarray | None = None) -> np.ndarray:
     """(H, W) 0-based predictions for every pixel of the scene, streamed in batches (with
-    `scores`, also the (H, W, C) class probabilities)."""
-    idx = np.arange(height * self.width, dtype=np.int32)
-    out = self.predict_pixels(scene, z, idx, mask_row, desc=desc)
+    `scores`, also the (H, W, C) class probabilities).
+
+    known: (flat_idx (N,), predictions (N,)) of pixels this model classified already under the
+    same mask_row (evaluation's test pixels, `pixels_to_classify`): copied, not classified
+    again. skip: (H, W) bool, pixels not to classify (no data): -1 in the result. Neither with
+    `scores`. desc, progress: as `predict_pixels`.
+    """
     shape = (height, self.width)
+    if known is None and skip is None:
+      out = self.predict_pixels(scene, z, np.arange(height * self.width, dtype=np.int32),
+                                mask_row, desc=desc, progress=progress)
+      if self.scores:
+        return out[0].reshape(shape), out[1].reshape(shape + (-1,))
+      return out.reshape(shape)
     if self.scores:
-      return out[0].reshape(shape), out[1].reshape(shape + (-1,))
-    return out.reshape(shape)
+      raise ValueError("predict_scene: known / skip without class probabilities only")
+    pred = np.full(height * self.width, -1, np.int32)
+    todo = pixels_to_classify(shape, known, skip)
+    if known is not None:
+      pred[np.asarray(known[0])] = np.asarray(known[1])
+    pred[todo] = self.predict_pixels(scene, z, todo, mask_row, desc=desc, progress=progress)
+    return pred.reshape(shape)
+
+
+def pixels_to_classify(shape: tuple[int, int], known=None,
+                       skip: np.ndarray | None = None) -> np.ndarray:
+  """The flat indices (n,) int32, raster order, that `Predictor.predict_scene` classifies on a
+  scene of `shape` (H, W): every pixel but the known ones ((flat_idx (N,), predictions (N,)) or
+  None) and the skipped ones ((H, W) bool or None)."""
+  todo = np.ones(shape[0] * shape[1], bool)
+  if known is not None:
+    idx, pred = np.asarray(known[0]), np.asarray(known[1])
+    if idx.shape != pred.shape or idx.ndim != 1:
+      raise ValueError(f"known: indices {idx.shape} and predictions {pred.shape}; expected two "
+                       "(N,) arrays")
+    todo[idx] = False
+  if skip is not None:
+    todo &= ~np.asarray(skip, bool).ravel()
+  return np.flatnonzero(todo).astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,13 +484,22 @@ def _colormap(palette) -> dict:
   return cmap
 
 
+def _identity(path: str) -> tuple | None:
+  """(inode, mtime) of a file, None when absent: whether a write replaced it."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_ino, st.st_mtime_ns
+
+
 def predict_to_files(model_dir: str, source: str, paths: dict, *, missing: Sequence[str] = (),
                      batch: int = 512, tile_rows: int = DEFAULT_TILE_ROWS,
                      probabilities: bool = False, quiet: bool = False, log=print) -> None:
   """Classifies every pixel of the scene at `source` (a dataset YAML or a folder) with the model
   saved in `model_dir` and writes paths["map"] (uint8 GeoTIFF, 0 = no data, the input's CRS and
   transform), paths["png"] (with a legend) and, with `probabilities`, paths["probabilities"]
-  (one float32 band per class). Outputs appear only when complete."""
+  (one float32 band per class). The outputs appear together, complete, or not at all."""
   inputs = checkpoint.load_inputs(model_dir, hint=EXPORT_HINT)
   spec = datasets.spec_from_json(inputs["dataset"])
   transform = InputTransform.from_json(inputs["transform"])
@@ -472,25 +518,34 @@ def predict_to_files(model_dir: str, source: str, paths: dict, *, missing: Seque
   class_map = np.zeros((scene.height, scene.width), np.uint8)
   palette = list(spec.palette) if spec.palette else figures.default_palette(spec.num_classes)
   names = [f"{c}" for c in spec.class_names]
-  with contextlib.ExitStack() as stack:  # an error: no output file appears (writers' __exit__)
-    writers = [stack.enter_context(rasters.GeoTiffWriter(
-        paths["map"], height=scene.height, width=scene.width, count=1, dtype="uint8",
-        georef=scene.georef, nodata=0, colormap=_colormap(palette), band_descriptions=["class"],
-        category_names=["no data", *names]))]
-    if probabilities:
-      writers.append(stack.enter_context(rasters.GeoTiffWriter(
-          paths["probabilities"], height=scene.height, width=scene.width,
-          count=spec.num_classes, dtype="float32", georef=scene.georef, nodata=float("nan"),
-          band_descriptions=names)))
-    for start, ids, probs in classify_scene(predictor, scene, transform, z, tile_rows=tile_rows,
-                                            progress=not quiet):
-      class_map[start:start + ids.shape[0]] = ids
-      writers[0].write_rows(start, ids)
-      if probs is not None:
-        writers[1].write_rows(start, np.moveaxis(probs, -1, 0))
   title = (f"{spec.name} model on {os.path.basename(os.path.normpath(source))}"
            + (f", without {', '.join(absent)}" if absent else ""))
-  figures.save_png(paths["png"], class_map, names, palette, title)
+  outputs = [*paths.values(), f"{paths['map']}.aux.xml"]
+  before = {p: _identity(p) for p in outputs}
+  try:
+    with contextlib.ExitStack() as stack:  # an error: no GeoTIFF appears (writers' __exit__)
+      writers = [stack.enter_context(rasters.GeoTiffWriter(
+          paths["map"], height=scene.height, width=scene.width, count=1, dtype="uint8",
+          georef=scene.georef, nodata=0, colormap=_colormap(palette),
+          band_descriptions=["class"], category_names=["no data", *names]))]
+      if probabilities:
+        writers.append(stack.enter_context(rasters.GeoTiffWriter(
+            paths["probabilities"], height=scene.height, width=scene.width,
+            count=spec.num_classes, dtype="float32", georef=scene.georef, nodata=float("nan"),
+            band_descriptions=names)))
+      for start, ids, probs in classify_scene(predictor, scene, transform, z,
+                                              tile_rows=tile_rows, progress=not quiet):
+        class_map[start:start + ids.shape[0]] = ids
+        writers[0].write_rows(start, ids)
+        if probs is not None:
+          writers[1].write_rows(start, np.moveaxis(probs, -1, 0))
+      figures.save_png(paths["png"], class_map, names, palette, title)
+  except BaseException:  # all outputs or none: those this call put in place are taken back
+    for p in outputs:
+      if _identity(p) != before[p]:
+        with contextlib.suppress(OSError):
+          os.unlink(p)
+    raise
   valid = int((class_map > 0).sum())
   log(f"classified {valid:,} pixels of {scene.height}x{scene.width} "
       f"({scene.height * scene.width - valid:,} without data) in {time.time() - t0:.1f} s; "

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from dpmamba_jax import errors
 from dpmamba_jax import fileio
@@ -98,24 +100,45 @@ def test_pixels(rd) -> np.ndarray:
   return np.sort(rng.choice(idx, size=n, replace=False))
 
 
-def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
-                   scenarios: Sequence[tuple[str, Any]] | None = None,
-                   progress: bool = True) -> dict:
-  """{scenario: scores} for one model over the test pixels of the run's split (`test_pixels`).
+def predict_model(model, rd, *, batch: int = 512,
+                  scenarios: Sequence[tuple[str, Any]] | None = None, progress=None,
+                  desc: str | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """The predictions of one model on the test pixels the run is scored on, per scenario.
 
-  `rd` is a run.RunData (device cubes, text features z, split, labels, spec). progress: a
-  progress bar per scenario on stderr.
+  Returns (test_idx (N,) flat indices, `test_pixels`, {scenario: (N,) int32 0-based classes}).
+  `rd` is a run.RunData (device cubes, text features z, split, cfg, spec). progress: a tqdm-like
+  bar advanced by the pixels classified (the caller's); desc: else a bar per scenario with this
+  label (None: no bar).
   """
   predictor = Predictor.for_run(model, rd, batch)
   test_idx = test_pixels(rd)
-  y_true = labels_at(rd.labels, test_idx)
   scene = predictor.prepare_scene(rd.cubes)  # once for all scenarios
-  out = {}
+  preds = {}
   for name, row in scenarios or masks_lib.eval_scenarios(rd.spec.modalities):
-    pred = predictor.predict_pixels(scene, rd.z, test_idx, row,
-                                    desc=f"eval {which} {name}" if progress else None)
-    out[name] = scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
-  return out
+    preds[name] = predictor.predict_pixels(
+        scene, rd.z, test_idx, row, progress=progress,
+        desc=None if desc is None or progress is not None else f"{desc} {name}")
+  return test_idx, preds
+
+
+def evaluate_model(model, rd, *, batch: int = 512, which: str = "model",
+                   scenarios: Sequence[tuple[str, Any]] | None = None,
+                   progress=True, predictions: dict | None = None) -> dict:
+  """{scenario: scores} for one model over the test pixels of the run's split (`test_pixels`).
+
+  `rd` is a run.RunData (device cubes, text features z, split, labels, spec). progress: True (a
+  progress bar per scenario on stderr), False, or a tqdm-like bar of the caller's to advance.
+  predictions: a dict to receive (test_idx (N,), {scenario: (N,) int32 predictions}) under the
+  key `which` (what the maps reuse, `maps.write_maps`).
+  """
+  bar = None if progress is None or isinstance(progress, bool) else progress
+  test_idx, preds = predict_model(model, rd, batch=batch, scenarios=scenarios, progress=bar,
+                                  desc=f"eval {which}" if progress is True else None)
+  y_true = labels_at(rd.labels, test_idx)
+  if predictions is not None:
+    predictions[which] = (test_idx, preds)
+  return {name: scores(confusion_matrix(y_true, pred, rd.spec.num_classes))
+          for name, pred in preds.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,9 +237,16 @@ def write_metrics(workdir: str, metrics: dict, modalities: Sequence[str]) -> Non
 
 
 def evaluate_run(rd, workdir: str, meth: method_lib.Method, models: dict, *, epochs: dict,
-                 wall_time_s: dict, batch: int = 512, log: Callable[[str], None] = print) -> dict:
+                 wall_time_s: dict, batch: int = 512, log: Callable[[str], None] = print,
+                 predictions: dict | None = None) -> dict:
   """Evaluates every model `meth` scores whose stage models are in `models` (by stage model
-  name) and writes metrics.json + metrics.md. Returns the metrics dict."""
+  name) and writes metrics.json + metrics.md. Returns the metrics dict.
+
+  One progress bar (with its ETA) over every model, scenario and test pixel, on stderr unless
+  `log` is quiet (a quiet RunLog), and a log line when it starts and when it ends.
+  predictions: a dict to receive, per scored model key, (test_idx (N,), {scenario: (N,) int32
+  predictions}): what the maps reuse (`maps.write_maps`).
+  """
   t0 = time.time()
   metrics: dict[str, Any] = {"dataset": rd.spec.name, "seed": int(rd.cfg.seed),
                              "text_encoder": rd.text_encoder}
@@ -225,20 +255,32 @@ def evaluate_run(rd, workdir: str, meth: method_lib.Method, models: dict, *, epo
   stage_names = list(epochs) if meth.name != "dpmamba" else ["pretrain", "distill"]
   metrics["epochs"] = {k: int(epochs.get(k, 0)) for k in stage_names}
   metrics.update({s.key: {} for s in meth.scored})
-  progress = not getattr(log, "quiet", False)  # a quiet RunLog: no progress bars either
-  for scored in meth.scored:
-    if all(n in models for n in scored.needs):
-      metrics[scored.key] = evaluate_model(scored.classifier(models), rd, batch=batch,
-                                           which=scored.key, progress=progress)
-  metrics["wall_time_s"] = {**{k: float(wall_time_s.get(k, 0.0)) for k in stage_names},
-                            "evaluate": float(time.time() - t0)}
+  todo = [s for s in meth.scored if all(n in models for n in s.needs)]
   n_test, n_all = int(test_pixels(rd).size), int(rd.split.test_idx.size)
+  n_scenarios = len(masks_lib.eval_scenarios(rd.spec.modalities))
+  total = len(todo) * n_scenarios * n_test
+  log(f"evaluation: {total:,} patches ({len(todo)} model{'s' if len(todo) != 1 else ''} x "
+      f"{n_scenarios} scenarios x {n_test:,} test pixels)")
+  quiet = getattr(log, "quiet", False)  # a quiet RunLog: no progress bar either
+  bar = tqdm(total=total, desc="evaluation", unit="patch", unit_scale=True, mininterval=1.0,
+             file=sys.stderr, dynamic_ncols=True, disable=quiet)
+  try:
+    for scored in todo:
+      metrics[scored.key] = evaluate_model(scored.classifier(models), rd, batch=batch,
+                                           which=scored.key, progress=bar,
+                                           predictions=predictions)
+  finally:
+    bar.close()
+  wall = float(time.time() - t0)
+  metrics["wall_time_s"] = {**{k: float(wall_time_s.get(k, 0.0)) for k in stage_names},
+                            "evaluate": wall}
   if n_test != n_all:  # only with eval_subsample: the default schema stays as documented
     metrics["test_pixels"] = {"scored": n_test, "of": n_all}
   if rd.cfg.protocol != "honest":  # likewise: only for the authors' protocol
     metrics["protocol"] = rd.cfg.protocol
   write_metrics(workdir, metrics, rd.spec.modalities)
   sub = "" if n_test == n_all else f" (a fixed random subset of the {n_all}: eval_subsample)"
+  log(f"evaluation: {wall:.1f} s ({total / max(wall, 1e-9):,.0f} patches/s)")
   log(f"evaluation on {n_test} test pixels{sub} "
       f"({'including' if rd.cfg.include_train_in_test else 'excluding'} the training pixels), "
       f"last-epoch models:")

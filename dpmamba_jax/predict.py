@@ -18,7 +18,9 @@ if __name__ == "__main__":  # before the heavy imports below (runtime.py)
 
 from dpmamba_jax import config as config_lib  # noqa: E402
 from dpmamba_jax import errors  # noqa: E402
+from dpmamba_jax import fileio  # noqa: E402
 from dpmamba_jax import inference  # noqa: E402
+from dpmamba_jax import locks  # noqa: E402
 from dpmamba_jax.inference import DEFAULT_TILE_ROWS  # noqa: E402
 
 
@@ -88,9 +90,17 @@ def main(argv=None) -> int:
                              "does not exist")
   runtime.setup_cpu_flags()
   runtime.setup_compile_cache(not args.no_compile_cache)
-  inference.predict_to_files(model_dir, args.input, paths, missing=missing, batch=args.batch,
-                             tile_rows=args.tile, probabilities=args.probabilities,
-                             quiet=args.quiet, log=log)
+  folder, name = os.path.split(os.path.abspath(paths["map"]))
+  warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+  with locks.hold(os.path.join(folder, f".{name}.lock"), f"--out {args.out}", warn=warn):
+    names = {os.path.basename(p) for p in paths.values()} | {f"{name}.aux.xml"}
+    removed = fileio.remove_stale_temps(folder, names=names)  # a killed predict's of these
+    if removed:
+      warn(f"warning: {folder}: removed {len(removed)} temporary file(s) left by an interrupted "
+           f"predict (e.g. {os.path.basename(removed[0])})")
+    inference.predict_to_files(model_dir, args.input, paths, missing=missing, batch=args.batch,
+                               tile_rows=args.tile, probabilities=args.probabilities,
+                               quiet=args.quiet, log=log)
   return 0
 
 

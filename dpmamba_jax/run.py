@@ -65,6 +65,33 @@ class RunData:
     return self._meshes[batch]
 
 
+# Model inputs beyond this magnitude after the input transform can overflow a training step
+# (z-scored sensor data stay within tens; raw values under normalize=none within ~1e5).
+SUSPECT_INPUT_MAGNITUDE = 1e6
+
+
+def input_problem(rd: RunData) -> str | None:
+  """Why the run's model inputs could make a loss non-finite, naming the modality, its files and
+  the likely fix, or None when they look sane (finite, within SUSPECT_INPUT_MAGNITUDE)."""
+  synthetic = rd.spec.synthetic is not None and rd.cfg.data_dir is None
+  files = [] if synthetic else rd.spec.expected_files()
+  for m, (name, cube) in enumerate(zip(rd.spec.modalities, rd.cubes)):
+    finite = bool(jax.device_get(jnp.isfinite(cube).all()))
+    top = float(jax.device_get(jnp.abs(jnp.where(jnp.isfinite(cube), cube, 0.0)).max()))
+    where = f"{name} ({files[m]})" if m < len(files) else name
+    if not finite:
+      return (f"the {where} inputs hold NaN/Inf after the input transform "
+              f"(normalize={rd.cfg.normalize}): check the file")
+    if top > SUSPECT_INPUT_MAGNITUDE:
+      fix = ("use --normalize standard, or check the file's data type and scale"
+             if rd.cfg.normalize == "none" else
+             "check the file for outliers, its data type and byte order, or nodata pixels to "
+             "declare")
+      return (f"the {where} inputs reach {top:.3g} after the input transform "
+              f"(normalize={rd.cfg.normalize}): {fix}")
+  return None
+
+
 def _load_scene(cfg, spec):
   if cfg.modalities:  # a subset of the modalities (data/subsets.py): load them all, keep those
     subset, spec = spec, subsets.full_spec(spec)

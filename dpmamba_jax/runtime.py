@@ -16,6 +16,7 @@ import os
 import pkgutil
 import platform
 import sys
+import warnings
 
 from dpmamba_jax import errors
 
@@ -190,4 +191,8 @@ def setup_compile_cache(enabled: bool = True) -> str | None:
   jax.config.update("jax_compilation_cache_dir", d)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # A full disk under the cache costs only the entries JAX cannot write (it warns and goes on),
+  # one warning per program: dropped. The run's own writes report a full disk themselves.
+  warnings.filterwarnings("ignore", message=r"Error writing persistent compilation cache entry "
+                          r"(.|\n)*(No space left on device|Disk quota exceeded)")
   return d

@@ -12,6 +12,7 @@ Then the last-epoch models the method scores are evaluated over every modality s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -35,8 +36,8 @@ from dpmamba_jax import sharding
 from dpmamba_jax import steps
 from dpmamba_jax.data.patches import BalancedSampler, ShuffleSampler
 from dpmamba_jax.model import network
-from dpmamba_jax.run import RunData, load_run_data, saved_inputs
-from dpmamba_jax.workdir import RunLog, check_workdir_config, make_workdir
+from dpmamba_jax.run import RunData, input_problem, load_run_data, saved_inputs
+from dpmamba_jax.workdir import RunLog, check_workdir_config, lock_workdir, make_workdir
 
 
 def shapes_of(rd: RunData) -> method_lib.Shapes:
@@ -121,7 +122,7 @@ def train_stage(stage: method_lib.Stage, index: int, rd: RunData, model: nnx.Mod
             [m["loss"] for m in this_epoch], [m["grad_norm"] for m in this_epoch]))
       if bad >= 0:
         _raise_non_finite(stage.name, done, bad, len(this_epoch),
-                          jax.device_get(this_epoch[bad]), cfg)
+                          jax.device_get(this_epoch[bad]), rd)
       bar.update(1)
       if log_now:
         mean = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
@@ -136,11 +137,11 @@ def train_stage(stage: method_lib.Stage, index: int, rd: RunData, model: nnx.Mod
             f"{mean['grad_norm']:.3f} | train OA {100 * mean['train_oa']:.2f}%")
         bar.set_postfix(loss=f"{mean['loss']:.4f}", oa=f"{100 * mean['train_oa']:.1f}")
       if done % cfg.ckpt_every == 0 and done < epochs:
-        _check_finite_state(state, stage.name, done, cfg)
+        _check_finite_state(state, stage.name, done, rd)
         ckpts.save(done, state, {"epoch": done, "stage": stage.name, "next_epoch": done,
                                  "wall_time_s": wall_before + time.time() - t0})
         log(f"{stage.name}: checkpoint saved at epoch {done}")
-    _check_finite_state(state, stage.name, epochs, cfg)  # also waits for the last step
+    _check_finite_state(state, stage.name, epochs, rd)  # also waits for the last step
   finally:
     bar.close()
     ckpts.close()
@@ -182,22 +183,29 @@ def _all_finite(tree) -> bool:
              if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
-def _raise_non_finite(stage: str, epoch: int, i: int, steps_: int, m: dict, cfg) -> None:
+def _raise_non_finite(stage: str, epoch: int, i: int, steps_: int, m: dict, rd: RunData) -> None:
   what = (f"the loss is {float(m['loss'])}" if not np.isfinite(m["loss"])
           else f"the gradient norm is {float(m['grad_norm'])}")
-  raise errors.UserError(
-      f"{stage} epoch {epoch} step {i + 1}/{steps_}: {what}; nothing saved as the final model "
-      f"(use a new --workdir with a lower --set lr=... than {cfg.lr:g}, or check the inputs)")
+  raise errors.UserError(f"{stage} epoch {epoch} step {i + 1}/{steps_}: {what}; nothing saved as "
+                         f"the final model; {_non_finite_advice(rd)}")
 
 
-def _check_finite_state(state, stage: str, epoch: int, cfg) -> None:
+def _non_finite_advice(rd: RunData) -> str:
+  """What to change after a non-finite loss or update: the inputs when they are the likely cause
+  (run.input_problem), else the learning rate."""
+  problem = input_problem(rd)
+  if problem is not None:
+    return f"likely cause: {problem}; then rerun in a new --workdir"
+  return f"use a new --workdir with a lower --set lr=... than {rd.cfg.lr:g}"
+
+
+def _check_finite_state(state, stage: str, epoch: int, rd: RunData) -> None:
   """Before a checkpoint or the final model: parameters and BatchNorm statistics all finite
   (finite losses and gradients can still make an update overflow)."""
   if not _all_finite((state.params, state.batch_stats)):
     raise errors.UserError(
         f"{stage} epoch {epoch}: the parameters are not finite after the epoch's last update; "
-        f"nothing saved as the final model (use a new --workdir with a lower --set lr=... than "
-        f"{cfg.lr:g}, or check the inputs)")
+        f"nothing saved as the final model; {_non_finite_advice(rd)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,13 +241,21 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
     raise errors.UserError(f"--method {meth.name}: {why}")
   workdir = os.path.abspath(cfg.workdir)
   log = log or RunLog(workdir)
+  with contextlib.ExitStack() as held:
 
-  def first_write():  # once the scene, the patch size and the split are checked
-    make_workdir(workdir)
-    check_workdir_config(cfg, workdir)
-    log(f"run config ({os.path.join(workdir, 'config.json')}):\n{config_lib.describe(cfg)}")
+    def first_write():  # once the scene, the patch size and the split are checked
+      make_workdir(workdir)
+      held.enter_context(lock_workdir(workdir, log.warn))
+      check_workdir_config(cfg, workdir)
+      log(f"run config ({os.path.join(workdir, 'config.json')}):\n{config_lib.describe(cfg)}")
 
-  rd = load_run_data(cfg, spec, workdir, log, before_write=first_write)
+    rd = load_run_data(cfg, spec, workdir, log, before_write=first_write)
+    return _run_stages(cfg, meth, rd, workdir, log)
+
+
+def _run_stages(cfg, meth: method_lib.Method, rd: RunData, workdir: str, log: RunLog) -> dict:
+  """run_one once the workdir is locked and the data loaded."""
+  spec = rd.spec
   shapes = shapes_of(rd)
   stages = meth.stages(cfg, shapes)
   last = _stages_to_run(cfg, stages)
@@ -288,24 +304,28 @@ def run_one(cfg, spec, log: RunLog | None = None) -> dict | None:
 
   scored = [s for s in meth.scored if all(n in models for n in s.needs)]
   metrics_path = os.path.join(workdir, "metrics.json")
+  predictions: dict = {}  # the evaluation's, per scored model: the maps reuse them
   if not trained_now and os.path.isfile(metrics_path):
     log(f"evaluation: done already ({metrics_path}); `python -m dpmamba_jax.evaluate --workdir "
         f"{workdir}` recomputes it")
     metrics = metrics_lib.read_metrics(metrics_path, workdir)
   else:
     metrics = metrics_lib.evaluate_run(rd, workdir, meth, models, epochs=epochs,
-                                       wall_time_s=walls, batch=cfg.eval_batch, log=log)
+                                       wall_time_s=walls, batch=cfg.eval_batch, log=log,
+                                       predictions=predictions)
     log.record({"stage": "evaluate", "epoch": 0, **{
         s.key: {name: {k: m[k] for k in metrics_lib.METRIC_KEYS}
                 for name, m in metrics[s.key].items()} for s in meth.scored}})
-  maps_dir = os.path.join(workdir, "maps")
-  marker = os.path.join(maps_dir, ".complete")
-  if cfg.maps and scored and (trained_now or not os.path.isfile(marker)):
-    first = scored[0]  # the method's model (DPMamba: the student, else the teacher)
-    maps.write_all_maps(rd, first.classifier(models), maps_dir, batch=cfg.eval_batch,
-                        which=first.key, log=log,
-                        comparison=os.path.join(workdir, f"comparison_{first.key}.png"))
-    fileio.write_text(marker, "")
+  # cfg.maps: True -> the method's model (DPMamba: the student), "all" -> every scored model.
+  # The marker lists the models whose maps are complete; models trained now make them stale.
+  done = set() if trained_now else maps.complete_maps(workdir, scored[0].key if scored else "")
+  if trained_now:
+    maps.mark_complete(workdir, ())
+  drawn = [s for s in maps.maps_models(scored, cfg.maps) if s.key not in done]
+  if drawn:
+    log.record(maps.write_maps(rd, workdir, [(s.key, s.classifier(models)) for s in drawn],
+                               batch=cfg.eval_batch, log=log, predictions=predictions))
+    maps.mark_complete(workdir, sorted(done | {s.key for s in drawn}))
   return metrics
 
 

@@ -1,20 +1,25 @@
-"""A run's working folder: its log, creating it, and binding its settings (config.json).
+"""A run's working folder: its log, creating it, locking it and binding its settings
+(config.json).
 
 Rerunning `train` in the same workdir resumes; config.json records the settings the run was
 started with, and a rerun with other settings that change the numbers is refused (one line
-naming the key). Unusable folders are one-line errors naming the path and why.
+naming the key). One process writes a workdir at a time (`lock_workdir`). Unusable folders are
+one-line errors naming the path and why.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
 from dpmamba_jax import config as config_lib
 from dpmamba_jax import errors
 from dpmamba_jax import fileio
+from dpmamba_jax import locks
 from dpmamba_jax import runtime
 
 # Keys that do not change the numbers; a rerun may change them without a new workdir.
@@ -46,7 +51,7 @@ class RunLog:
   def record(self, entry: dict) -> None:
     if not self.primary:
       return
-    with open(self.path, "a") as f:
+    with fileio.writing(self.path), open(self.path, "a") as f:
       f.write(json.dumps(entry) + "\n")
 
   def truncate(self, stage: str, after_epoch: int) -> None:
@@ -72,6 +77,26 @@ def make_workdir(workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise errors.UserError(f"--workdir {workdir}: {_why_no_folder(workdir, e)}") from None
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str, warn: Callable[[str], None]) -> Iterator[None]:
+  """Holds the workdir's lock (locks.py) for the block, on process 0 of a run (the others write
+  what it writes, in step with it). Once held, the temporary files and folders that killed runs
+  left there are removed (fileio.remove_stale_temps): no live process is writing them."""
+  primary = runtime.primary_process()
+  with locks.hold(os.path.join(workdir, locks.LOCK_NAME), f"--workdir {workdir}", warn=warn,
+                  enabled=primary):
+    if primary:
+      ckpt = os.path.join(workdir, "ckpt")
+      folders = [workdir, os.path.join(workdir, "maps")]
+      if os.path.isdir(ckpt):
+        folders += [e.path for e in os.scandir(ckpt) if e.is_dir(follow_symlinks=False)]
+      removed = [p for f in folders for p in fileio.remove_stale_temps(f)]
+      if removed:
+        warn(f"warning: {workdir}: removed {len(removed)} temporary file(s) left by an "
+             f"interrupted run (e.g. {os.path.relpath(removed[0], workdir)})")
+    yield
 
 
 def _why_no_folder(path: str, e: OSError) -> str:

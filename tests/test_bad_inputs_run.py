@@ -10,7 +10,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,8 @@ import pytest
 
 from cli_errors import (assert_no_temp_files, assert_nothing_written, assert_one_line_error,
                         listing, private_text_cache, run_cli)
-from dpmamba_jax import evaluate, steps, train
+from dpmamba_jax import evaluate, locks, run, steps, train, trainer
+from dpmamba_jax.data import datasets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the random text encoder's
 
@@ -324,8 +327,8 @@ def test_evaluate_bad_batch(batch, finished, tmp_path, capsys):
 # Case 5: training that goes non-finite stops at once; nothing non-finite is saved.
 
 NON_FINITE = re.compile(r"^error: (pretrain|distill) epoch (\d+) step (\d+)/2: the loss is nan; "
-                        r"nothing saved as the final model \(use a new --workdir with a lower "
-                        r"--set lr=\.\.\. than 1e\+30, or check the inputs\)$")
+                        r"nothing saved as the final model; use a new --workdir with a lower "
+                        r"--set lr=\.\.\. than 1e\+30$")
 
 
 def _saved_epochs(w, stage):
@@ -397,3 +400,107 @@ def test_first_non_finite_step_is_named(at_step, what, want, log_every, tmp_path
   log = (w / "log.jsonl").read_text().splitlines() if (w / "log.jsonl").exists() else []
   assert all(json.loads(l)["epoch"] <= last_logged for l in log)
   assert_no_temp_files(w)
+
+
+def test_input_problem_names_non_finite_and_huge_inputs():
+  spec = datasets.DATASETS["trento"]
+  rd = types.SimpleNamespace(spec=spec, cfg=types.SimpleNamespace(normalize="none", data_dir="d",
+                                                                 lr=1e-3),
+                             cubes=[jnp.ones((4, 4, 63)), jnp.ones((4, 4, 1))])
+  assert run.input_problem(rd) is None
+  rd.cubes[1] = rd.cubes[1].at[0, 0, 0].set(3e9)
+  assert run.input_problem(rd) == (
+      "the LiDAR (LiDAR_data.mat (or LiDAR.mat)) inputs reach 3e+09 after the input transform "
+      "(normalize=none): use --normalize standard, or check the file's data type and scale")
+  rd.cubes[0] = rd.cubes[0].at[1, 1, 1].set(jnp.nan)
+  assert run.input_problem(rd).startswith("the HSI (HSI_data.mat (or HSI.mat)) inputs hold NaN/Inf")
+  # the advice after a non-finite loss (the tests above: sane inputs, the lr)
+  assert trainer._non_finite_advice(rd).startswith(
+      "likely cause: the HSI (HSI_data.mat (or HSI.mat)) inputs hold NaN/Inf after the input "
+      "transform (normalize=none): check the file; then rerun in a new --workdir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Case 6: two processes on one workdir, a full disk, what killed runs leave.
+
+
+def _hold_lock(folder):
+  """The workdir's lock held as another process would (flock is per open file, so this process
+  holding it stops this process's run too)."""
+  return locks.hold(str(folder / locks.LOCK_NAME), "held by the test", warn=print)
+
+
+@pytest.mark.slow
+def test_a_workdir_in_use_stops_train_and_evaluate_at_once(finished, tmp_path, capsys):
+  w = _copy(finished, tmp_path)
+  before, contents = listing(w), _contents(w)
+  with _hold_lock(w):
+    before = listing(w)
+    for main, args in ((train.main, ["--workdir", w, *EPOCHS, *TINY]),
+                       (evaluate.main, ["--workdir", w])):
+      rc, _, err = run_cli(capsys, main, args)
+      assert_one_line_error(rc, err, f"--workdir {w}: in use by pid {os.getpid()} on host ",
+                            f"lock file {w / locks.LOCK_NAME}")
+      assert_nothing_written(w, before)
+  assert _contents(w) == contents
+
+
+@pytest.mark.slow
+def test_a_dead_runs_lock_and_temporary_files_are_cleared(finished, tmp_path, capsys):
+  """What kill -9 leaves (the lock file with its holder, .NAME.XXXXXXXX.tmp files, orbax's
+  temporary folders) is taken over / removed with a warning; the run's numbers do not change."""
+  w = _copy(finished, tmp_path)
+  (w / locks.LOCK_NAME).write_text('{"pid": 999999, "host": "gone", "since": "yesterday"}\n')
+  left = [w / ".metrics.json.k1ll3d_9.tmp", w / "maps" / ".student_complete_full.npy.abcdefgh.tmp",
+          w / "student.orbax-checkpoint-tmp", w / "ckpt" / "distill" / "3.orbax-checkpoint-tmp"]
+  for p in left:
+    p.parent.mkdir(exist_ok=True)
+    if p.name.endswith(".tmp"):
+      p.write_bytes(b"x" * 100)
+    else:
+      p.mkdir()
+  mine = w / "notes.tmp"
+  mine.write_text("a user's file")
+  rc, _, err = _evaluate(capsys, w)
+  assert rc == 0, err[-3000:]
+  warnings = [l for l in err.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 2, err[-3000:]
+  assert warnings[0] == (
+      f"warning: {w / locks.LOCK_NAME}: taking over the lock of pid 999999 on host gone since "
+      "yesterday, which ended without releasing it (killed?)")
+  assert warnings[1].startswith(f"warning: {w}: removed 4 temporary file(s) left by an "
+                                "interrupted run (e.g. ")
+  assert not any(p.exists() for p in left) and mine.read_text() == "a user's file"
+  assert not (w / locks.LOCK_NAME).exists()
+  assert _numbers(w / "metrics.json") == _numbers(finished / "metrics.json")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 500 KiB tmpfs: room for the tiny run's first periodic checkpoints only. Needs root (and a
+  kernel that lets this container mount): skipped elsewhere."""
+  mnt = tmp_path / "disk"
+  mnt.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs",
+                                          str(mnt)], capture_output=True).returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  yield mnt
+  subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_resumes(
+    finished, small_disk, capsys):
+  w = small_disk / "run"
+  rc, _, err = _train(capsys, w)
+  line = assert_one_line_error(rc, err, "no space left on device; free some space, then rerun "
+                               "the same command")
+  assert line.startswith(f"error: {w}/")
+  said = [l for l in err.splitlines() if l.strip() and not l.startswith("text features:")]
+  assert said == [line], err[-3000:]  # no orbax / tensorstore / asyncio noise around it
+  assert_no_temp_files(w)
+  assert not (w / locks.LOCK_NAME).exists()
+  subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+  rc, _, err = _train(capsys, w)
+  assert rc == 0, err[-3000:]
+  assert _numbers(w / "metrics.json") == _numbers(finished / "metrics.json")

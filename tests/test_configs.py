@@ -1,4 +1,5 @@
-"""Every shipped config file resolves, and states the dataset's own defaults."""
+"""Every shipped config file resolves, and states the dataset's own defaults; the maps key."""
+import json
 import pathlib
 
 import pytest
@@ -38,3 +39,27 @@ def test_a_bad_pca_value_names_what_is_expected(value, words):
   with pytest.raises(config.errors.UserError) as e:
     config.resolve({"dataset": "trento", "pca": value})
   assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("value, want", [
+    ("true", True), ("false", False), ("all", "all"), ("ALL", "all"), (" All ", "all"),
+    (True, True), (False, False), (0, False), ("no", False)])
+def test_the_maps_key_takes_true_false_or_all(value, want, tmp_path):
+  assert config.coerce("maps", value) == want and type(config.coerce("maps", value)) is type(want)
+  cfg, _ = config.resolve({"maps": config.coerce("maps", value)})
+  assert cfg.maps == want and type(cfg.maps) is type(want)
+  # a config.json from before `all` (true / false) and one with it load alike
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({"maps": want}))
+  assert config.load_config_file(str(path)) == {"maps": want}
+
+
+@pytest.mark.parametrize("value", ["teacher", "2", "", ["all"]])
+def test_a_bad_maps_value_is_one_line_naming_the_choices(value):
+  with pytest.raises(config.errors.UserError) as e:
+    config.coerce("maps", value, where="--set maps")
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("--set maps: maps=")
+  assert all(w in msg for w in ("true", "false", "all")), msg
+  with pytest.raises(config.errors.UserError, match=r"config maps='teacher': expected true"):
+    config.resolve({"maps": "teacher"})  # not through coerce: still refused

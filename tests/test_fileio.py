@@ -1,4 +1,5 @@
-"""Atomic writes and the safe PyTorch state-dict reader."""
+"""Atomic writes, what killed writes leave, full disks, and the safe PyTorch state-dict reader."""
+import errno
 import importlib.util
 import json
 import os
@@ -7,6 +8,7 @@ import stat
 import numpy as np
 import pytest
 
+from dpmamba_jax import errors
 from dpmamba_jax import fileio
 from dpmamba_jax.data import rasters
 from dpmamba_jax.errors import UserError
@@ -70,3 +72,82 @@ def test_what_is_says_what_a_path_is(tmp_path):
   for path, what in ((folder, "is a folder"), (loop, "is a symlink loop")):
     with pytest.raises(UserError, match=f"dataset file {path}: {what}; expected a YAML file"):
       dataset_file.load_dataset_file(str(path))
+
+
+def test_stale_temps_of_ours_are_removed_and_nothing_else(tmp_path):
+  """What killed writes leave (`.NAME.XXXXXXXX.tmp`, ENVI's pair, orbax's folders) goes; files
+  that only look alike stay."""
+  ours = [".metrics.json.ab12_x9z.tmp", ".map.tif.0123abcd.tmp", ".x.hdr.abcdefgh.tmp.hdr",
+          ".x.hdr.abcdefgh.tmp.img"]
+  theirs = ["notes.tmp", ".vimrc.tmp", ".a.b.TOOLONG99.tmp", "metrics.json", ".map.tif.lock"]
+  for name in ours + theirs:
+    (tmp_path / name).write_bytes(b"x")
+  (tmp_path / "teacher.orbax-checkpoint-tmp").mkdir()
+  (tmp_path / "teacher.orbax-checkpoint-tmp" / "state").write_bytes(b"x")
+  (tmp_path / "3.orbax-checkpoint-tmp-1733500000").mkdir()
+  removed = fileio.remove_stale_temps(tmp_path, names={"map.tif"})
+  assert [os.path.basename(p) for p in removed] == [".map.tif.0123abcd.tmp"]
+  removed = fileio.remove_stale_temps(tmp_path)
+  assert sorted(os.path.basename(p) for p in removed) == sorted(
+      [n for n in ours if n != ".map.tif.0123abcd.tmp"]
+      + ["teacher.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp-1733500000"])
+  assert sorted(os.listdir(tmp_path)) == sorted(theirs)
+  assert fileio.remove_stale_temps(tmp_path / "absent") == []
+
+
+def test_a_temp_file_has_the_name_stale_cleanup_knows(tmp_path):
+  tmp = fileio.temp_file(tmp_path / "out.json")
+  assert fileio.remove_stale_temps(tmp_path, names={"out.json"}) == [tmp]
+
+
+def _full_disk(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+  path = tmp_path / "m.json"
+  fileio.write_text(path, "old")
+  monkeypatch.setattr(os, "fsync", _full_disk)  # the data reach the disk at fsync
+  with pytest.raises(errors.NoSpace) as e:
+    fileio.write_json(path, {"a": 1})
+  assert str(e.value) == (f"{path}: no space left on device; free some space, then rerun the "
+                          "same command")
+  assert path.read_text() == "old" and os.listdir(tmp_path) == ["m.json"]
+
+
+def test_full_disk_errors_are_recognised_through_their_causes():
+  ts = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/r/ckpt/1/x\": Failed to write "
+                  "9 bytes to file 7: No space left on device [os_error_code='28']")
+  assert errors.is_no_space(ts)
+  assert errors.is_no_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+  wrapped = RuntimeError("save failed")
+  wrapped.__cause__ = OSError(errno.ENOSPC, "x")
+  assert errors.is_no_space(wrapped)
+  assert not errors.is_no_space(OSError(errno.EACCES, "Permission denied"))
+  assert not errors.is_no_space(ValueError("RESOURCE_EXHAUSTED: out of memory"))
+
+
+def test_cli_entry_turns_any_full_disk_into_one_line(capsys):
+  """A library's own write (tensorstore's message, an OSError with its file) that no write path
+  named: still one line and exit 2; other errors keep their traceback."""
+
+  @errors.cli_entry
+  def tensorstore_write(argv=None):
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"/r/a.bin\": Failed writing: "
+                     "\"/r/a.bin.__lock\": No space left on device [os_error_code='28']")
+
+  @errors.cli_entry
+  def plain_write(argv=None):
+    raise OSError(errno.ENOSPC, "No space left on device", "/r/b.npz")
+
+  @errors.cli_entry
+  def other(argv=None):
+    raise OSError(errno.EACCES, "Permission denied", "/r/c")
+
+  assert tensorstore_write() == 2
+  assert capsys.readouterr().err == ("error: /r/a.bin: no space left on device; free some space, "
+                                     "then rerun the same command\n")
+  assert plain_write() == 2
+  assert capsys.readouterr().err.startswith("error: /r/b.npz: no space left on device; ")
+  with pytest.raises(PermissionError):
+    other()

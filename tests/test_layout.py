@@ -94,7 +94,8 @@ def test_no_function_local_imports_of_the_package():
 
 # Lower layers may not import higher ones (the order data flows in).
 LAYERS = [
-    ("dpmamba_jax.errors", "dpmamba_jax.fileio", "dpmamba_jax.figures", "dpmamba_jax.runtime"),
+    ("dpmamba_jax.errors", "dpmamba_jax.fileio", "dpmamba_jax.locks", "dpmamba_jax.figures",
+     "dpmamba_jax.runtime"),
     ("dpmamba_jax.data",),
     ("dpmamba_jax.text",),
     ("dpmamba_jax.model",),

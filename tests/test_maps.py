@@ -10,7 +10,8 @@ import scipy.io
 from flax import nnx
 from PIL import Image
 
-from dpmamba_jax import data, figures, inference, losses, maps
+from dpmamba_jax import data, figures, inference, losses, maps, masks
+from dpmamba_jax import metrics as metrics_lib
 from dpmamba_jax.model import DPMamba, ModelConfig
 from dpmamba_jax.inference import Predictor
 
@@ -192,3 +193,62 @@ def test_write_all_maps_comparison_reuses_full_maps(tmp_path, monkeypatch):
   written = maps.write_all_maps(rd, model, out, batch=16, which="teacher", log=lambda s: None)
   assert len(written) == 3 * 2 * 3 + 3
   assert not [p for p in written if "comparison" in os.path.basename(p)]
+
+
+def _tiny_scored_run(h=7, w=9, p=3, subsample=0):
+  """_tiny_run plus what the evaluation reads: a split (half the labelled pixels are test
+  pixels), the run config, the labels' class count, and one no-data pixel."""
+  model, rd = _tiny_run(h, w, p)
+  labelled = np.flatnonzero(rd.labels.ravel() > 0)
+  invalid = np.zeros((h, w), bool)
+  invalid.ravel()[np.flatnonzero(rd.labels.ravel() == 0)[0]] = True  # unlabelled, as no data is
+  rd.split = types.SimpleNamespace(test_idx=labelled[::2].astype(np.int32))
+  rd.cfg = types.SimpleNamespace(eval_subsample=subsample, seed=0)
+  rd.spec.num_classes = 4
+  rd.invalid = invalid
+  return model, rd
+
+
+@pytest.mark.parametrize("subsample", [0, 5])
+def test_maps_reuse_the_evaluations_predictions_and_equal_a_full_classification(
+    tmp_path, monkeypatch, subsample):
+  """write_maps copies the test pixels evaluation classified (with eval_subsample, only that
+  subset) and classifies only the rest, skipping pixels without data; the maps equal those of
+  classifying every pixel (predict_scene from scratch), and the record counts the work."""
+  model, rd = _tiny_scored_run(subsample=subsample)
+  predictions = {}
+  scores = metrics_lib.evaluate_model(model, rd, batch=16, which="student", progress=False,
+                                      predictions=predictions)
+  test_idx, by_scenario = predictions["student"]
+  np.testing.assert_array_equal(test_idx, metrics_lib.test_pixels(rd))
+  assert test_idx.size == (subsample or rd.split.test_idx.size)
+  assert set(by_scenario) == set(scores) == {"complete", "without:HSI", "without:LiDAR"}
+  classified = []
+  real = Predictor.predict_pixels
+
+  def counting(self, scene, z, flat_idx, *a, **k):
+    classified.append(np.asarray(flat_idx).copy())
+    return real(self, scene, z, flat_idx, *a, **k)
+
+  monkeypatch.setattr(Predictor, "predict_pixels", counting)
+  record = maps.write_maps(rd, str(tmp_path), [("student", model)], batch=16,
+                           log=lambda s: None, predictions=predictions)
+  h, w = rd.labels.shape
+  want_todo = np.setdiff1d(np.arange(h * w), test_idx)
+  want_todo = want_todo[~rd.invalid.ravel()[want_todo]]
+  assert len(classified) == 3
+  for idx in classified:
+    np.testing.assert_array_equal(idx, want_todo)
+  assert record["stage"] == "maps" and record["models"] == ["student"]
+  assert record["patches"] == 3 * want_todo.size and record["reused"] == 3 * test_idx.size
+  assert record["wall_time_s"] > 0
+  monkeypatch.setattr(Predictor, "predict_pixels", real)
+  predictor = Predictor(model, width=w, patch_size=rd.patch_size, batch=16)
+  for name, row in masks.eval_scenarios(rd.spec.modalities):
+    scratch = predictor.predict_scene(rd.cubes, rd.z, h, row)  # every pixel, nothing reused
+    full, labelled = maps.to_maps(scratch, rd.labels, rd.invalid)
+    stem = f"student_{masks.scenario_file_stem(name)}"
+    np.testing.assert_array_equal(np.load(tmp_path / "maps" / f"{stem}_full.npy"), full)
+    np.testing.assert_array_equal(np.load(tmp_path / "maps" / f"{stem}_labelled.npy"), labelled)
+    assert (full[rd.invalid] == 0).all() and full[~rd.invalid].min() >= 1
+  assert (tmp_path / "comparison_student.png").is_file()

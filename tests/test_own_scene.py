@@ -7,7 +7,9 @@ case runs in this process and compares its GeoTIFF with the run's own maps (writ
 evaluation's Predictor), so "predict on the training scene equals evaluate" is checked pixel by
 pixel.
 """
+import errno
 import json
+import os
 import shutil
 
 import numpy as np
@@ -18,7 +20,7 @@ import yaml
 import scene_files
 from cli_errors import (assert_nothing_written, assert_one_line_error, listing,
                         private_text_cache, run_cli)
-from dpmamba_jax import checkpoint, data, evaluate, predict, train
+from dpmamba_jax import checkpoint, data, evaluate, locks, predict, train
 from dpmamba_jax.data import __main__ as data_cli
 from dpmamba_jax.data import dataset_file, datasets, io, rasters
 from dpmamba_jax.data.preprocessing import InputTransform, fit_transform, make_split
@@ -230,6 +232,13 @@ def test_run_saves_the_input_transform(run_dir, scene_yaml):
     assert InputTransform.from_json(json.loads(json.dumps(t.to_json()))).to_json() == t.to_json()
     assert np.asarray(inputs["text"]["features"]).shape[0] == 6
   assert (run_dir / "comparison_student.png").is_file()
+  # the maps reused the evaluation's test pixels and classified the other pixels with data only
+  records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+  first = next(r for r in records if r.get("stage") == "maps")  # the training's
+  n_test = np.load(run_dir / "split.npz")["test_idx"].size
+  assert first["models"] == ["student"] and first["reused"] == 3 * n_test
+  assert first["patches"] == 3 * (int(_valid().sum()) - n_test) and first["wall_time_s"] > 0
+  assert "student" in (run_dir / "maps" / ".complete").read_text().split()
 
 
 @pytest.mark.slow
@@ -237,11 +246,36 @@ def test_data_and_evaluate_accept_the_file(capsys, run_dir, scene_yaml):
   rc, out, _ = run_cli(capsys, data_cli.main, ["--dataset-file", scene_yaml, "--json"])
   assert rc == 0 and json.loads(out)["dataset"] == "testscene"
   before = json.loads((run_dir / "metrics.json").read_text())
+  student_maps = {p.name: np.load(p) for p in (run_dir / "maps").glob("student_*.npy")}
+  last_record = lambda: json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+  marker = lambda: (run_dir / "maps" / ".complete").read_text().split()
+  # a rerun of the finished run with maps=all draws the teacher's maps only (the student's are
+  # complete); no evaluation ran, so every pixel with data is classified
+  assert train.main(["--dataset-file", str(scene_yaml), "--workdir", str(run_dir), *TINY,
+                     "--set", "maps=all"]) == 0
+  assert last_record()["models"] == ["teacher"] and last_record()["reused"] == 0
+  assert last_record()["patches"] == 3 * int(_valid().sum()) and marker() == ["student", "teacher"]
+  teacher_maps = {p.name: np.load(p) for p in (run_dir / "maps").glob("teacher_*.npy")}
   rc, _, err = run_cli(capsys, evaluate.main, ["--workdir", run_dir,
-                                               "--dataset-file", scene_yaml])
+                                               "--dataset-file", scene_yaml, "--maps", "all"])
   assert rc == 0, err
   after = json.loads((run_dir / "metrics.json").read_text())
   assert after["student"] == before["student"]
+  # evaluate --maps all: both models' maps, reusing the evaluation (the same maps as before),
+  # one log.jsonl record
+  assert len(student_maps) == len(teacher_maps) == 6
+  for name, m in student_maps.items():
+    np.testing.assert_array_equal(np.load(run_dir / "maps" / name), m)
+    teacher = teacher_maps[name.replace("student_", "teacher_")]
+    np.testing.assert_array_equal(np.load(run_dir / "maps" / name.replace("student_", "teacher_")),
+                                  teacher)
+    assert teacher.shape == m.shape and ((teacher == 0) == (m == 0)).all()
+  assert (run_dir / "comparison_teacher.png").is_file()
+  assert last_record()["stage"] == "maps" and last_record()["models"] == ["student", "teacher"]
+  assert last_record()["reused"] == 2 * 3 * np.load(run_dir / "split.npz")["test_idx"].size
+  assert marker() == ["student", "teacher"]
+  rc, _, err = run_cli(capsys, evaluate.main, ["--workdir", run_dir, "--maps", "teacher"])
+  assert_one_line_error(rc, err, "--maps", "'teacher'", "expected all")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,6 +410,48 @@ def test_predict_refuses_to_overwrite_and_bad_inputs(capsys, tmp_path, run_dir, 
                           "--out", tmp_path / "never.tif", *extra)
     assert_one_line_error(rc, err, *fragments)
   assert_nothing_written(tmp_path, before)
+
+
+def _disk_full_for(name):
+  """os.fsync failing with ENOSPC for the temporary file of output `name` (the data of our own
+  atomic writes reach the disk there)."""
+  real = os.fsync
+
+  def fsync(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fd)
+
+  return fsync
+
+
+def test_predict_output_in_use_leftovers_and_a_full_disk(capsys, tmp_path, run_dir, scene_yaml,
+                                                         monkeypatch):
+  """--out is locked while a predict writes it; what a killed predict of the same outputs left is
+  removed; a full disk at any output is one line and no output appears, not even those
+  finished before it."""
+  out = tmp_path / "map.tif"
+  args = ["--model", run_dir / "student", "--input", scene_yaml, "--out", out, "--probabilities"]
+  with locks.hold(str(tmp_path / ".map.tif.lock"), "the test", warn=print):
+    before = listing(tmp_path)
+    rc, _, err = _predict(capsys, *args)
+    assert_one_line_error(rc, err, f"--out {out}: in use by pid {os.getpid()} on host ")
+    assert_nothing_written(tmp_path, before)
+  for name in (".map.tif.k1ll3d00.tmp", ".map_probabilities.tif.abcdefgh.tmp",
+               ".other.tif.abcdefgh.tmp"):
+    (tmp_path / name).write_bytes(b"x" * 1000)
+  for failing in ("map.png", "map.tif.aux.xml"):  # the last output, and one within the GeoTIFF's
+    with monkeypatch.context() as mp:
+      mp.setattr(os, "fsync", _disk_full_for(failing))
+      rc, _, err = _predict(capsys, *args)
+    assert_one_line_error(rc, err, f"{tmp_path / failing}: no space left on device; free some "
+                          "space, then rerun the same command")
+    if failing == "map.png":  # the first run removed what the killed one left
+      assert f"warning: {tmp_path}: removed 2 temporary file(s) left by an interrupted predict" in err
+    assert sorted(os.listdir(tmp_path)) == [".other.tif.abcdefgh.tmp"]  # another program's
+  assert _predict(capsys, *args)[0] == 0
+  assert sorted(os.listdir(tmp_path)) == [".other.tif.abcdefgh.tmp", "map.png", "map.tif",
+                                          "map.tif.aux.xml", "map_probabilities.tif"]
 
 
 @pytest.mark.slow

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import pathlib
 import re
+import sys
 import tempfile
 import warnings
 import xml.sax.saxutils
@@ -29,7 +31,7 @@ import spectral
 import spectral.io.envi as envi
 
 from dpmamba_jax import fileio
-from dpmamba_jax.errors import UserError
+from dpmamba_jax.errors import UserError, is_no_space, mentions_no_space
 
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".hdr", ".img")
@@ -57,6 +59,26 @@ def _quiet():
     warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
     warnings.filterwarnings("ignore", message="Parameters with non-lowercase names")
     yield
+
+
+@contextlib.contextmanager
+def _c_stderr(messages: list):
+  """What C code prints straight to file descriptor 2 during the block (libtiff's write errors,
+  e.g. "_tiffWriteProc: No space left on device.") is appended to `messages` instead; the caller
+  reports it as its one line."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      sink.seek(0)
+      text = sink.read().decode("utf-8", "replace").strip()
+      if text:
+        messages.append(text)
 
 
 def _unreadable(path, kind: str, e: BaseException) -> UserError:
@@ -516,6 +538,7 @@ class GeoTiffWriter:
     self._colormap, self._descriptions = colormap, band_descriptions
     self._categories = None if category_names is None else [str(c) for c in category_names]
     self._ds, self._tmp = None, None
+    self._messages: list[str] = []  # what GDAL / libtiff printed during a write (_c_stderr)
 
   def __enter__(self) -> GeoTiffWriter:
     count, height, width = self.shape
@@ -537,9 +560,7 @@ class GeoTiffWriter:
           self._ds.set_band_description(i, text)
     except BaseException as e:
       self._discard()
-      if isinstance(e, (rasterio.errors.RasterioError, OSError)):
-        raise UserError(f"{self.path}: cannot be written ({type(e).__name__}: {e})") from e
-      raise
+      raise self._write_error(e) from None
     return self
 
   def write_rows(self, start: int, block: np.ndarray) -> None:
@@ -556,34 +577,60 @@ class GeoTiffWriter:
     if not 0 <= start <= start + block.shape[1] <= height:
       raise ValueError(f"rows {start}:{start + block.shape[1]} outside 0:{height}")
     try:
-      with _quiet():
+      with _quiet(), _c_stderr(self._messages):
         self._ds.write(_cast(block, self.dtype),
                        window=rasterio.windows.Window(0, start, width, block.shape[1]))
+      self._check_messages()
     except (rasterio.errors.RasterioError, OSError) as e:
-      raise UserError(f"{self.path}: cannot be written ({type(e).__name__}: {e})") from e
+      raise self._write_error(e) from None
+
+  def _check_messages(self) -> None:
+    """What GDAL / libtiff printed during a call that raised nothing: a full disk is an error all
+    the same (GDAL's close does not always raise, and the file would be cut short); anything
+    else is shown as it was."""
+    said = " ".join(self._messages)
+    if mentions_no_space(said):
+      raise OSError(errno.ENOSPC, said)
+    if self._messages:
+      print("\n".join(self._messages), file=sys.stderr)
+      self._messages.clear()
+
+  def _write_error(self, e: BaseException) -> BaseException:
+    """One line naming the file for a full disk or a failed GDAL write; anything else as is."""
+    said = " ".join(self._messages)
+    self._messages.clear()
+    if isinstance(e, UserError):  # e.g. the sidecar's own full disk
+      return e
+    if is_no_space(e) or mentions_no_space(said):
+      return fileio.no_space_error(self.path)
+    if isinstance(e, (rasterio.errors.RasterioError, OSError)):
+      msg = " ".join(f"{said} {e}".split())
+      return UserError(f"{self.path}: cannot be written ({type(e).__name__}: {msg})")
+    return e
 
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is not None:
       self._discard()
       return
     try:
-      with _quiet():
+      with _quiet(), _c_stderr(self._messages):
         self._ds.close()
+      self._check_messages()
       fileio.give_ordinary_permissions(self._tmp)
-      os.replace(self._tmp, self.path)
-      if self._categories is not None:
+      if self._categories is not None:  # first: a full disk then leaves no GeoTIFF without it
         fileio.write_text(f"{self.path}.aux.xml", pam_category_names(self._categories))
+      os.replace(self._tmp, self.path)
     except BaseException as e:
       self._discard()
-      if isinstance(e, (rasterio.errors.RasterioError, OSError)):
-        raise UserError(f"{self.path}: cannot be written ({type(e).__name__}: {e})") from e
-      raise
+      raise self._write_error(e) from None
     self._ds = self._tmp = None
 
   def _discard(self) -> None:
     if self._ds is not None:
-      with contextlib.suppress(Exception), _quiet():
-        self._ds.close()
+      with contextlib.suppress(Exception), _quiet(), _c_stderr([]):  # the error is said already
+        ds, self._ds = self._ds, None
+        ds.close()
+        del ds  # a dataset whose close failed flushes again when freed
     if self._tmp is not None and os.path.exists(self._tmp):
       os.unlink(self._tmp)
     self._ds = self._tmp = None
@@ -671,7 +718,8 @@ def write_envi(path_hdr, array: np.ndarray, georef: Optional[GeoRef] = None, *,
     meta["data ignore value"] = repr(float(nodata))
   binary = path_hdr.with_suffix(".img")
   path_hdr.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_hdr = tempfile.mkstemp(dir=path_hdr.parent, prefix=f".{path_hdr.stem}.", suffix=".hdr")
+  fd, tmp_hdr = tempfile.mkstemp(dir=path_hdr.parent, prefix=f".{path_hdr.name}.",
+                                 suffix=".tmp.hdr")  # fileio.remove_stale_temps knows the name
   os.close(fd)
   tmp_img = tmp_hdr[:-4] + ".img"
   try:
@@ -684,6 +732,8 @@ def write_envi(path_hdr, array: np.ndarray, georef: Optional[GeoRef] = None, *,
     for p in (tmp_hdr, tmp_img):
       if os.path.exists(p):
         os.unlink(p)
+    if is_no_space(e):
+      raise fileio.no_space_error(path_hdr) from None
     if isinstance(e, OSError):
       raise UserError(f"{path_hdr}: cannot be written ({type(e).__name__}: {e})") from e
     raise
