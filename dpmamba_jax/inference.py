@@ -290,25 +290,25 @@ class Predictor:
     if self.scores:
       raise ValueError("predict_scene: known / skip without class probabilities only")
     pred = np.full(height * self.width, -1, np.int32)
-    todo = pixels_to_classify(shape, known, skip)
+    todo = pixels_to_classify(shape, None if known is None else known[0], skip)
     if known is not None:
-      pred[np.asarray(known[0])] = np.asarray(known[1])
+      idx, known_pred = np.asarray(known[0]), np.asarray(known[1])
+      if idx.shape != known_pred.shape or idx.ndim != 1:
+        raise ValueError(f"known: indices {idx.shape} and predictions {known_pred.shape}; "
+                         "expected two (N,) arrays")
+      pred[idx] = known_pred
     pred[todo] = self.predict_pixels(scene, z, todo, mask_row, desc=desc, progress=progress)
     return pred.reshape(shape)
 
 
-def pixels_to_classify(shape: tuple[int, int], known=None,
+def pixels_to_classify(shape: tuple[int, int], known_idx: np.ndarray | None = None,
                        skip: np.ndarray | None = None) -> np.ndarray:
   """The flat indices (n,) int32, raster order, that `Predictor.predict_scene` classifies on a
-  scene of `shape` (H, W): every pixel but the known ones ((flat_idx (N,), predictions (N,)) or
-  None) and the skipped ones ((H, W) bool or None)."""
+  scene of `shape` (H, W): every pixel but the known ones (flat indices (N,), or None) and the
+  skipped ones ((H, W) bool, or None)."""
   todo = np.ones(shape[0] * shape[1], bool)
-  if known is not None:
-    idx, pred = np.asarray(known[0]), np.asarray(known[1])
-    if idx.shape != pred.shape or idx.ndim != 1:
-      raise ValueError(f"known: indices {idx.shape} and predictions {pred.shape}; expected two "
-                       "(N,) arrays")
-    todo[idx] = False
+  if known_idx is not None:
+    todo[np.asarray(known_idx)] = False
   if skip is not None:
     todo &= ~np.asarray(skip, bool).ravel()
   return np.flatnonzero(todo).astype(np.int32)

@@ -145,7 +145,8 @@ def write_maps(rd, workdir: str, entries: Sequence[tuple], *, batch: int = 512, 
   shape = (rd.height, rd.width)
   invalid = getattr(rd, "invalid", None)
   n_scenarios = len(masks_lib.eval_scenarios(rd.spec.modalities))
-  todo = {key: pixels_to_classify(shape, _known_idx(predictions.get(key)), invalid).size
+  todo = {key: pixels_to_classify(shape, predictions[key][0] if key in predictions else None,
+                                  invalid).size
           for key, _ in entries}
   total = n_scenarios * sum(todo.values())
   reused = n_scenarios * sum(int(predictions[k][0].size) for k, _ in entries if k in predictions)
@@ -191,7 +192,3 @@ def mark_complete(workdir: str, keys: Sequence[str]) -> None:
   elif os.path.isfile(path):
     os.remove(path)
 
-
-def _known_idx(known):
-  """(test_idx, {scenario: pred}) -> what pixels_to_classify takes (the indices only)."""
-  return None if known is None else (known[0], known[0])
