@@ -99,6 +99,12 @@ def primary_process() -> bool:
   return jax.process_index() == 0
 
 
+def single_process() -> bool:
+  """True unless this is one of several processes of a multi-controller run."""
+  import jax  # after the re-exec (module docstring)
+  return jax.process_count() == 1
+
+
 # glibc serves every large allocation with a fresh mmap and unmaps it when it is freed, so
 # XLA:CPU's temporary buffer of each call is faulted in again, 4 KB at a time, on every call.
 # With this tunable glibc asks for transparent huge pages on those mappings (512x fewer faults;

@@ -83,11 +83,12 @@ def make_workdir(workdir: str) -> None:
 def lock_workdir(workdir: str, warn: Callable[[str], None]) -> Iterator[None]:
   """Holds the workdir's lock (locks.py) for the block, on process 0 of a run (the others write
   what it writes, in step with it). Once held, the temporary files and folders that killed runs
-  left there are removed (fileio.remove_stale_temps): no live process is writing them."""
+  left there are removed (fileio.remove_stale_temps): no live process is writing them. Not in a
+  multi-process run, whose other processes may be writing their copies of the same files."""
   primary = runtime.primary_process()
   with locks.hold(os.path.join(workdir, locks.LOCK_NAME), f"--workdir {workdir}", warn=warn,
                   enabled=primary):
-    if primary:
+    if primary and runtime.single_process():
       ckpt = os.path.join(workdir, "ckpt")
       folders = [workdir, os.path.join(workdir, "maps")]
       if os.path.isdir(ckpt):
