@@ -1,5 +1,7 @@
 """Shared by the comparison methods' parity tests (tests/test_peers_*.py): the tolerance and the
 helpers for reading their golden files (../shared/parity/peers/<method>_*.npz)."""
+import json
+
 import jax
 import numpy as np
 from flax import nnx
@@ -26,6 +28,26 @@ class KeyRecorder(dict):
   def __getitem__(self, k):
     self.read.add(k)
     return super().__getitem__(k)
+
+
+class GoldenFile:
+  """One golden file: its arrays by key (`golden["outputs/logits"]`, `.arrays`), `.meta` (the
+  "meta/json" entry) and the PyTorch state dict as `.params` ("params/...") and `.buffers`
+  ("buffers/..."), keys without their prefix. A test's own Golden adds its inputs and model."""
+
+  def __init__(self, path):
+    with np.load(path) as f:
+      self.arrays = {k: f[k] for k in f.files if k != "meta/json"}
+      self.meta = json.loads(str(f["meta/json"]))
+    self.params = self.group("params/")
+    self.buffers = self.group("buffers/")
+
+  def group(self, prefix: str) -> dict:
+    """The arrays whose keys start with `prefix`, keyed without it."""
+    return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self.arrays[key]
 
 
 def golden_files(method: str) -> list:

@@ -1,6 +1,5 @@
 """Cross-HL against the golden vectors of the authors' PyTorch code (peers/crosshl_*.npz: eval
 and train-mode outputs, BatchNorm updates, the loss)."""
-import json
 
 import chex
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import peer_golden
 from conftest import parity_dir
-from peer_golden import KeyRecorder, assert_close
+from peer_golden import GoldenFile, KeyRecorder, assert_close
 from flax import nnx
 
 from dpmamba_jax import method
@@ -31,13 +30,9 @@ def _shell(abstract):
   return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
 
 
-class Golden:
+class Golden(GoldenFile):
   def __init__(self, path):
-    with np.load(path) as d:
-      self.arrays = {k: d[k] for k in d.files if k != "meta/json"}
-      self.meta = json.loads(str(d["meta/json"]))
-    self.params = self.group("params/")
-    self.buffers = self.group("buffers/")
+    super().__init__(path)
     self.xs = [jnp.asarray(self.arrays[f"inputs/{m}_cl"]) for m in crosshl.MODALITY_NAMES]
     self.labels = jnp.asarray(self.arrays["inputs/labels"], jnp.int32)
     self.batch = int(self.xs[0].shape[0])
@@ -45,12 +40,6 @@ class Golden:
         bands=tuple(int(x.shape[-1]) for x in self.xs), num_classes=int(self.meta["classes"]),
         patch_size=int(self.meta["patch_size"]))
     self.abstract = _abstract(self.cfg)
-
-  def group(self, prefix):
-    return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
-
-  def __getitem__(self, key):
-    return self.arrays[key]
 
   def model(self, params=None):
     model = _shell(self.abstract)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import peer_golden
 from conftest import parity_dir
-from peer_golden import KeyRecorder
+from peer_golden import GoldenFile, KeyRecorder
 from flax import nnx
 
 from dpmamba_jax import method
@@ -36,20 +36,15 @@ def _cl(x):
   return x[:, :, 0, 0] if x.shape[2:] == (1, 1) else x.transpose(0, 2, 3, 1)
 
 
-class Golden:
+class Golden(GoldenFile):
   """One golden file, with a fresh student (weights loaded, nothing random) on demand."""
 
   def __init__(self, path):
-    with np.load(path) as z:
-      self.d = {k: z[k] for k in z.files}
-    self.meta = json.loads(str(self.d["meta/json"]))
-    self.params = {k[len("params/"):]: v for k, v in self.d.items() if k.startswith("params/")}
-    self.buffers = {k[len("buffers/"):]: v for k, v in self.d.items()
-                    if k.startswith("buffers/")}
-    self.xs = [jnp.asarray(self.d["inputs/hsi_cl"]), jnp.asarray(self.d["inputs/lidar_cl"])]
+    super().__init__(path)
+    self.xs = [jnp.asarray(self["inputs/hsi_cl"]), jnp.asarray(self["inputs/lidar_cl"])]
     self.bands = tuple(int(x.shape[-1]) for x in self.xs)
     self.batch = int(self.xs[0].shape[0])
-    self.labels = jnp.asarray(self.d["inputs/labels"], jnp.int32)
+    self.labels = jnp.asarray(self["inputs/labels"], jnp.int32)
 
   def abstract(self):
     shapes = method.Shapes(bands=tuple(self.bands), num_classes=int(self.meta["classes"]),
@@ -88,7 +83,7 @@ def eval_run(golden):
 @pytest.fixture(scope="module")
 def train_run(golden):
   model = golden.student()
-  keep = jnp.asarray(golden.d["inputs/train_drop_mask"], jnp.float32)
+  keep = jnp.asarray(golden["inputs/train_drop_mask"], jnp.float32)
   outs = model.outputs(golden.xs, keep, train=True)
   return model, outs
 
@@ -105,7 +100,7 @@ def test_param_count_and_importer(golden):
 @pytest.mark.slow
 def test_eval_outputs(golden, eval_run):
   _, out = eval_run
-  o, d = out["full"], golden.d
+  o, d = out["full"], golden.arrays
   _close(o.logits, d["outputs/logits"])
   _close(o.fused_feature, _cl(d["outputs/fused_feature"]))
   _close(o.unimodal_logits[0], d["outputs/logits_hsi_head"])
@@ -117,8 +112,8 @@ def test_eval_outputs(golden, eval_run):
 @pytest.mark.parametrize("scenario", ["missing_lidar", "missing_hsi"])
 def test_missing_modality_outputs(golden, eval_run, scenario):
   _, out = eval_run
-  _close(out[scenario].logits, golden.d[f"outputs/{scenario}/logits"])
-  _close(out[scenario].fused_feature, _cl(golden.d[f"outputs/{scenario}/fused_feature"]))
+  _close(out[scenario].logits, golden[f"outputs/{scenario}/logits"])
+  _close(out[scenario].fused_feature, _cl(golden[f"outputs/{scenario}/fused_feature"]))
 
 
 def test_classify_selects_each_samples_scenario(golden, eval_run):
@@ -126,8 +121,8 @@ def test_classify_selects_each_samples_scenario(golden, eval_run):
   rows = [(1, 1), (1, 0), (0, 1)]
   keep = jnp.asarray([rows[i % 3] for i in range(golden.batch)], jnp.float32)
   logits = dgdnet.classify({dgdnet.STUDENT: model}, golden.xs, keep)
-  refs = [golden.d["outputs/logits"], golden.d["outputs/missing_lidar/logits"],
-          golden.d["outputs/missing_hsi/logits"]]
+  refs = [golden["outputs/logits"], golden["outputs/missing_lidar/logits"],
+          golden["outputs/missing_hsi/logits"]]
   _close(logits, np.stack([refs[i % 3][i] for i in range(golden.batch)]))
   _close(model(golden.xs, keep), logits)
 
@@ -135,7 +130,7 @@ def test_classify_selects_each_samples_scenario(golden, eval_run):
 @pytest.mark.slow
 def test_train_outputs(golden, train_run):
   _, outs = train_run
-  d = golden.d
+  d = golden.arrays
   _close(outs.logits, d["outputs/train/logits"])
   _close(outs.fused_feature, _cl(d["outputs/train/fused_feature"]))
   _close(outs.unimodal_logits[0], d["outputs/train/logits_hsi_head"])
@@ -158,17 +153,17 @@ def _batch_norms(model):
 def test_train_batchnorm_updates(golden, train_run):
   model, _ = train_run
   bns = _batch_norms(model)
-  names = {k[len("outputs/train/bn_after/"):].rsplit(".", 1)[0] for k in golden.d
+  names = {k[len("outputs/train/bn_after/"):].rsplit(".", 1)[0] for k in golden.arrays
            if k.startswith("outputs/train/bn_after/")}
   assert names == set(bns)
   for name, bn in bns.items():
-    _close(bn.mean[...], golden.d[f"outputs/train/bn_after/{name}.running_mean"])
-    _close(bn.var[...], golden.d[f"outputs/train/bn_after/{name}.running_var"])
+    _close(bn.mean[...], golden[f"outputs/train/bn_after/{name}.running_mean"])
+    _close(bn.var[...], golden[f"outputs/train/bn_after/{name}.running_var"])
 
 
 def test_loss_terms(golden, train_run):
   model, outs = train_run
-  d = golden.d
+  d = golden.arrays
   teacher = jnp.asarray(_cl(d["inputs/teacher_feature"]))
   total, terms = dgdnet.student_objective(outs, teacher, golden.labels, model.cfg)
   for name in ("ce", "dad", "unimodal_ce_hsi", "unimodal_ce_lidar"):
@@ -180,8 +175,8 @@ class _FixedTeacher:
   """Stands in for the frozen teacher: its stored eval-mode fused feature and logits."""
 
   def __init__(self, golden):
-    self.logits = jnp.asarray(golden.d["inputs/teacher_logits"])
-    self.feature = jnp.asarray(_cl(golden.d["inputs/teacher_feature"]))
+    self.logits = jnp.asarray(golden["inputs/teacher_logits"])
+    self.feature = jnp.asarray(_cl(golden["inputs/teacher_feature"]))
     self.calls = []
 
   def forward_fused(self, xs, keep, *, train=False):
@@ -192,16 +187,16 @@ class _FixedTeacher:
 def test_student_loss_end_to_end(golden):
   model = golden.student()
   teacher = _FixedTeacher(golden)
-  keep = jnp.asarray(golden.d["inputs/train_drop_mask"], jnp.float32)
+  keep = jnp.asarray(golden["inputs/train_drop_mask"], jnp.float32)
   total, terms, logits = dgdnet.student_loss(model, {dgdnet.TEACHER: teacher}, golden.xs, keep,
                                              golden.labels, jax.random.key(0))
-  _close(total, golden.d["losses/total"])
-  _close(terms["dad"], golden.d["losses/dad"])
-  _close(logits, golden.d["outputs/train/logits"])
+  _close(total, golden["losses/total"])
+  _close(terms["dad"], golden["losses/dad"])
+  _close(logits, golden["outputs/train/logits"])
   ((t_keep, t_train),) = teacher.calls
   assert not t_train and np.all(t_keep == 1)
   bn = model.head.block_5_2.bn
-  _close(bn.var[...], golden.d["outputs/train/bn_after/share_bone.block_5_2.1.running_var"])
+  _close(bn.var[...], golden["outputs/train/bn_after/share_bone.block_5_2.1.running_var"])
 
 
 def test_teacher_objective_matches_numpy():

@@ -1,6 +1,5 @@
 """HCT (peers/hct.py) against the golden vectors of the authors' PyTorch code
 (peers/hct_*.npz: eval and train-mode outputs, BatchNorm updates, the CE loss)."""
-import json
 
 import chex
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 import peer_golden
 from conftest import parity_dir
-from peer_golden import KeyRecorder, assert_close
+from peer_golden import GoldenFile, KeyRecorder, assert_close
 from flax import nnx
 from jax.extend import core as jex_core
 
@@ -27,22 +26,15 @@ def _shell(cfg, fill=np.nan):
                            lambda shape, dtype: np.full(shape, fill, dtype))
 
 
-class Golden:
+class Golden(GoldenFile):
   def __init__(self, path):
-    with np.load(path) as z:
-      self.d = {k: z[k] for k in z.files}
-    self.meta = json.loads(str(self.d["meta/json"]))
-    self.params = self.group("params/")
-    self.buffers = self.group("buffers/")
-    self.xs = [jnp.asarray(self.d[f"inputs/{m}_cl"]) for m in hct.MODALITY_NAMES]
+    super().__init__(path)
+    self.xs = [jnp.asarray(self[f"inputs/{m}_cl"]) for m in hct.MODALITY_NAMES]
     self.batch = int(self.xs[0].shape[0])
-    self.labels = jnp.asarray(self.d["inputs/labels"], jnp.int32)
+    self.labels = jnp.asarray(self["inputs/labels"], jnp.int32)
     self.cfg = hct.HCTConfig(bands=tuple(int(x.shape[-1]) for x in self.xs),
                              num_classes=int(self.meta["classes"]),
                              patch_size=int(self.meta["patch_size"]))
-
-  def group(self, prefix):
-    return {k[len(prefix):]: v for k, v in self.d.items() if k.startswith(prefix)}
 
   def model(self, params=None):
     """NaN everywhere, then the file's weights: a variable the importer missed shows."""
@@ -98,10 +90,10 @@ def test_param_count_and_importer(gold):
 
 def test_eval_outputs(gold, eval_run):
   full = slice(0, gold.batch)
-  assert_close(eval_run.logits[full], gold.d["outputs/logits"], "logits")
+  assert_close(eval_run.logits[full], gold["outputs/logits"], "logits")
   for i, name in enumerate(hct.MODALITY_NAMES):
-    assert_close(eval_run.cls[i][full], gold.d[f"outputs/cls_{name}"], f"cls_{name}")
-    assert_close(eval_run.head_logits[i][full], gold.d[f"outputs/logits_{name}_head"],
+    assert_close(eval_run.cls[i][full], gold[f"outputs/cls_{name}"], f"cls_{name}")
+    assert_close(eval_run.head_logits[i][full], gold[f"outputs/logits_{name}_head"],
            f"logits_{name}_head")
 
 
@@ -115,9 +107,9 @@ def test_missing_modality_is_zero_filled(gold, eval_run):
 
 def test_train_outputs(gold, train_run):
   out = train_run[0]
-  assert_close(out.logits, gold.d["outputs/train/logits"], "train/logits")
+  assert_close(out.logits, gold["outputs/train/logits"], "train/logits")
   for i, name in enumerate(hct.MODALITY_NAMES):
-    assert_close(out.cls[i], gold.d[f"outputs/train/cls_{name}"], f"train/cls_{name}")
+    assert_close(out.cls[i], gold[f"outputs/train/cls_{name}"], f"train/cls_{name}")
 
 
 def test_train_running_stats(gold, train_run):

@@ -1,7 +1,6 @@
 """Sal2RN (peers/sal2rn.py) against the golden vectors of the authors' PyTorch code
 (peers/sal2rn_*.npz: eval and train-mode outputs, BatchNorm updates, losses), plus its decision
 weights and the stage that fills them in."""
-import json
 
 import chex
 import jax
@@ -12,7 +11,7 @@ from flax import nnx
 
 import peer_golden
 from conftest import parity_dir
-from peer_golden import assert_close
+from peer_golden import GoldenFile, assert_close
 from dpmamba_jax import config, errors, method, steps
 from dpmamba_jax.data.patches import ShuffleSampler
 from dpmamba_jax.model.network import param_count
@@ -40,13 +39,9 @@ def _noisy(cfg, seed):
   return model
 
 
-class Golden:
+class Golden(GoldenFile):
   def __init__(self, path):
-    d = np.load(path)
-    self.arrays = {k: d[k] for k in d.files if k != "meta/json"}
-    self.meta = json.loads(str(d["meta/json"]))
-    self.params = self.group("params/")
-    self.buffers = self.group("buffers/")
+    super().__init__(path)
     raw, pca = self.arrays["inputs/hsi_cl"], self.arrays["inputs/hsi_pca_cl"]
     # the pipeline's `pca: raw+N` HSI input: [raw bands, PCA components]
     self.xs = [jax.device_put(np.concatenate([raw, pca], axis=-1)),
@@ -57,12 +52,6 @@ class Golden:
         bands=tuple(int(x.shape[-1]) for x in self.xs), spectral_bands=int(raw.shape[-1]),
         num_classes=int(self.meta["classes"]), patch_size=int(self.meta["patch_size"]),
         mlp_dropout=0.0, lidar_dropout=0.0)
-
-  def group(self, prefix):
-    return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
-
-  def __getitem__(self, key):
-    return self.arrays[key]
 
   def model(self):
     model = _shell(self.cfg)

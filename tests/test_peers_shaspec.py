@@ -1,5 +1,4 @@
 """ShaSpec against the golden vectors of the authors' PyTorch code (peers/shaspec_*.npz)."""
-import json
 
 import chex
 import jax
@@ -10,7 +9,7 @@ from flax import nnx
 
 import peer_golden
 from conftest import parity_dir
-from peer_golden import assert_close
+from peer_golden import GoldenFile, assert_close
 from dpmamba_jax.model.network import param_count
 from dpmamba_jax.peers import shaspec
 
@@ -27,24 +26,14 @@ def _shell(cfg):
   return peer_golden.shell(lambda: shaspec.ShaSpec(cfg, rngs=nnx.Rngs(0)))
 
 
-class Golden:
+class Golden(GoldenFile):
   def __init__(self, path):
-    d = np.load(path)
-    self.arrays = {k: d[k] for k in d.files if k != "meta/json"}
-    self.meta = json.loads(str(d["meta/json"]))
-    self.params = self.group("params/")
-    self.buffers = self.group("buffers/")
+    super().__init__(path)
     self.xs = [jnp.asarray(self.arrays[f"inputs/{m}_cl"]) for m in shaspec.MODALITY_NAMES]
     self.labels = jnp.asarray(self.arrays["inputs/labels"])
     self.cfg = shaspec.ShaSpecConfig(
         bands=tuple(int(x.shape[-1]) for x in self.xs), num_classes=int(self.meta["classes"]),
         patch_size=int(self.meta["patch_size"]))
-
-  def group(self, prefix):
-    return {k[len(prefix):]: v for k, v in self.arrays.items() if k.startswith(prefix)}
-
-  def __getitem__(self, key):
-    return self.arrays[key]
 
   def model(self):
     model = _shell(self.cfg)
