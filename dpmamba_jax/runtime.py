@@ -21,13 +21,18 @@ import warnings
 from dpmamba_jax import errors
 
 
-def compile_cache_dir() -> str:
-  """$DPMAMBA_XLA_CACHE_DIR, else $DPMAMBA_CACHE_DIR/xla, else ~/.cache/dpmamba_jax/xla."""
-  d = os.environ.get("DPMAMBA_XLA_CACHE_DIR")
+def cache_dir(name: str, own_env: str) -> str:
+  """$<own_env>, else $DPMAMBA_CACHE_DIR/<name>, else ~/.cache/dpmamba_jax/<name> (absolute)."""
+  d = os.environ.get(own_env)
   if not d:
     root = os.environ.get("DPMAMBA_CACHE_DIR") or os.path.join("~", ".cache", "dpmamba_jax")
-    d = os.path.join(root, "xla")
+    d = os.path.join(root, name)
   return os.path.abspath(os.path.expanduser(d))
+
+
+def compile_cache_dir() -> str:
+  """$DPMAMBA_XLA_CACHE_DIR, else $DPMAMBA_CACHE_DIR/xla, else ~/.cache/dpmamba_jax/xla."""
+  return cache_dir("xla", "DPMAMBA_XLA_CACHE_DIR")
 
 
 # XLA:CPU's YNNPACK reduce fusions are several times slower than XLA's own reductions for this

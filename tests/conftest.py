@@ -14,6 +14,9 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+# The C++ CPU kernels (model/cpu_kernels.py) are built once for the whole run, by whichever
+# worker needs them first (the build is atomic), not once per worker's private cache.
+os.environ.setdefault("DPMAMBA_KERNEL_DIR", str(REPO_ROOT / ".pytest_cache" / "dpmamba-kernels"))
 
 
 def parity_dir() -> pathlib.Path:

@@ -88,14 +88,17 @@ def write_scene(folder: pathlib.Path) -> pathlib.Path:
 
 def timed(code: pathlib.Path, args, log_path: pathlib.Path, cache: pathlib.Path | None) -> dict:
   """Runs `python -m ARGS` with `code` as working folder and PYTHONPATH; stdout and stderr to
-  log_path; cache: a compile cache folder emptied first (a new user's cold start; None: the
-  user's own cache). Returns {wall_s, load_before, load_after, cores_used}: cores_used is the
-  child's CPU time over its wall time, against the machine's cores (less when other work
-  competes; the load averages count the command's own threads too)."""
+  log_path; cache: a compile cache folder emptied first, and beside it the CPU kernels' folder
+  (a new user's cold start: the kernels are built again; None: the user's own caches). Returns
+  {wall_s, load_before, load_after, cores_used}: cores_used is the child's CPU time over its wall
+  time, against the machine's cores (less when other work competes; the load averages count the
+  command's own threads too)."""
   env = dict(os.environ, PYTHONPATH=str(code))
   if cache is not None:
-    shutil.rmtree(cache, ignore_errors=True)
-    env["DPMAMBA_XLA_CACHE_DIR"] = str(cache)
+    kernels = cache.with_name(cache.name + "-kernels")
+    for folder in (cache, kernels):
+      shutil.rmtree(folder, ignore_errors=True)
+    env["DPMAMBA_XLA_CACHE_DIR"], env["DPMAMBA_KERNEL_DIR"] = str(cache), str(kernels)
   before = _load()
   r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.time()

@@ -11,6 +11,7 @@ Per direction, the D channels are split into R heads of D / R channels (channel 
 Two formulations compute the same function (`selective_scan(impl=...)`, a run-time choice):
 "recurrent" (one lax.scan over the path positions with a hand-written VJP; the CPU default) and
 "associative" (one jax.lax.associative_scan over all directions and heads; the default on GPU).
+Without a gradient on a CPU, the recurrent loop runs as a C++ kernel (model/cpu_kernels.cc).
 A sequential lax.scan reference and a float64 numpy loop live in tests/scan_reference.py.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dpmamba_jax.model import cpu_kernels
 
 NUM_DIRECTIONS = 4
 # selective_scan implementations: "auto" is "recurrent" on CPU and "associative" elsewhere.
@@ -301,7 +304,9 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
   SCAN_STATES_KEPT_MAX_BYTES; otherwise only the state entering each segment of S =
   `state_segment_length(L)` steps (a patch row for L = P * P), (L / S, K, B, R, Dh, N), and the
   backward recomputes a segment's S states before walking back through them. Autodiff through
-  lax.scan would also keep each step's gathered tokens and coefficients.
+  lax.scan would also keep each step's gathered tokens and coefficients. Without a gradient, where
+  the program runs on a CPU and the C++ kernels are built, the forward is one call of
+  `cpu_kernels.zigzag_scan_forward` instead of the loop.
   """
   # numpy constants only: this closure is cached across traces, so it must not hold jax arrays
   paths = np.frombuffer(paths_bytes, np.int32).reshape(k_dirs, length)
@@ -353,9 +358,18 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       (_, out), states = jax.lax.scan(step, (h0, out0), jnp.arange(length))
     return out.reshape(length * bsz, dim), states
 
+  def forward_xla(u_flat, decay, dt, b_in, c_out, d_skip):
+    return forward(u_flat, decay, dt, b_in, c_out, d_skip, "none")[0]
+
   @jax.custom_vjp
   def recurrence(u_flat, decay, dt, b_in, c_out, d_skip):
-    return forward(u_flat, decay, dt, b_in, c_out, d_skip, "none")[0]
+    # without a gradient: the C++ kernel where the program runs on a CPU and the kernel is built
+    kernels = cpu_kernels.kernels()
+    if kernels is None:
+      return forward_xla(u_flat, decay, dt, b_in, c_out, d_skip)
+    return jax.lax.platform_dependent(
+        u_flat, decay, dt, b_in, c_out, d_skip, default=forward_xla,
+        cpu=functools.partial(cpu_kernels.zigzag_scan_forward, kernels.zigzag_scan, paths))
 
   def fwd(u_flat, decay, dt, b_in, c_out, d_skip):
     states_bytes = (length * k_dirs * decay.shape[1] * u_flat.shape[-1] * b_in.shape[-1]
