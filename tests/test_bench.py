@@ -1,6 +1,7 @@
 """tools/bench.py: the JSON it promises (issue 6, item 1) and its option checks."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -26,11 +27,10 @@ def _bench_synthetic(capsys, *extra):
 
 @pytest.mark.slow
 def test_bench_json_on_the_synthetic_dataset(tmp_path, capsys):
-  """Fresh worker processes at the synthetic dataset's shapes (the model's widths tiny): every
-  promised key is a positive number, and inference ran as the concurrent calls asked for. Run
-  twice with one compile cache: the first start is cold, the second hits the cache."""
-  cache = str(tmp_path / "xla")
-  result = _bench_synthetic(capsys, "--compile-cache", cache, "--tiny")
+  """A fresh worker process at the synthetic dataset's shapes (the model's widths tiny): every
+  promised key is a positive number, inference ran as the concurrent calls asked for, and the
+  first start with an empty compile cache is cold."""
+  result = _bench_synthetic(capsys, "--compile-cache", str(tmp_path / "xla"), "--tiny")
   assert result["tiny"] is True and result["against_authors"] == {}
   row = result["per_dataset"]["synthetic"]
   assert set(bench.KEYS) <= set(row)
@@ -41,8 +41,29 @@ def test_bench_json_on_the_synthetic_dataset(tmp_path, capsys):
   assert full["infer_calls"] == 2 and full["infer_batch"] == 64
   assert full["teacher_features_s"] > 0 and full["teacher_features_pixels"] > 0
   assert row["compile_cache_warm"] is False
-  assert _bench_synthetic(capsys, "--compile-cache", cache, "--tiny")["per_dataset"][
-      "synthetic"]["compile_cache_warm"] is True
+
+
+def test_the_cache_hit_event_bench_counts_is_the_one_jax_emits(tmp_path):
+  """compile_cache_warm counts bench.CACHE_HIT_EVENT during a worker's first step: in a fresh
+  process, a program compiled again from the persistent cache emits it, the first compile not."""
+  script = f"""
+import jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", {str(tmp_path)!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+events = []
+jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
+f = lambda x: jnp.sin(x) * 2.0
+jax.jit(f)(1.0).block_until_ready()
+cold = events.count({bench.CACHE_HIT_EVENT!r})
+jax.clear_caches()
+jax.jit(f)(1.0).block_until_ready()
+print(cold, events.count({bench.CACHE_HIT_EVENT!r}) - cold)
+"""
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ["0", "1"]
 
 
 @pytest.mark.slow

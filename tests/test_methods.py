@@ -19,7 +19,7 @@ PEERS = ("shaspec", "dgdnet", "mshnet", "hct", "sal2rn", "crosshl")
 STAGES = {"shaspec": 1, "dgdnet": 2, "mshnet": 7, "hct": 1, "sal2rn": 2, "crosshl": 1}
 # the scene has 12 HSI bands: HCT's and Sal2RN's PCA (30, raw+48) scaled down to it
 PEER_ARGS = {"hct": ["--set", "pca=6"], "sal2rn": ["--set", "pca=raw+4"],
-             "mshnet": ["--set", "maps=true"]}  # one method's maps (the others: maps=false)
+             "shaspec": ["--set", "maps=true"]}  # one method's maps (the others: maps=false)
 ONE_EPOCH = ["--epochs", "1", "--text-encoder", "random", "--quiet", "--set", "maps=false",
              "--set", "eval_batch=256", "--set", "batch_size=24", "--set", "train_per_class=8"]
 
@@ -166,7 +166,7 @@ def test_peer_trains_evaluates_and_predicts(capsys, tmp_path, peer_run, scene_ya
   confusion = np.zeros((len(scene_files.CLASSES),) * 2, np.int64)
   np.add.at(confusion, (truth.astype(np.int64) - 1, predicted.astype(np.int64) - 1), 1)
   np.testing.assert_array_equal(confusion, metrics[name]["without:LiDAR"]["confusion"])
-  if name == "mshnet":  # and equals the run's without-LiDAR map everywhere
+  if name == "shaspec":  # and equals the run's without-LiDAR map everywhere
     want = np.load(w / "maps" / f"{name}_without-LiDAR_full.npy")
     np.testing.assert_array_equal(_read_map(tmp_path / "map.tif"), want)
 
