@@ -255,13 +255,11 @@ _dense_conv3x3_tap_grad.defvjp(_dense_conv3x3_tap_grad_fwd, _dense_conv3x3_tap_g
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _grouped_conv3x3(x: jax.Array, kernel: jax.Array, groups: int,
                      layout: str = "NHWC") -> jax.Array:
-  # without a gradient: the C++ kernel where the program runs on a CPU and the kernel is built
-  kernels = cpu_kernels.kernels()
-  if kernels is None:
-    return _shift_conv3x3(x, kernel, groups, layout)
-  return jax.lax.platform_dependent(
-      x, kernel, default=functools.partial(_shift_conv3x3, groups=groups, layout=layout),
-      cpu=functools.partial(cpu_kernels.grouped_conv3x3, kernels.grouped_conv3x3, layout=layout))
+  # without a gradient: the C++ kernel where the program runs on a CPU
+  return cpu_kernels.cpu_or_xla(
+      functools.partial(_shift_conv3x3, groups=groups, layout=layout),
+      lambda built: functools.partial(cpu_kernels.grouped_conv3x3, built.grouped_conv3x3,
+                                      layout=layout), x, kernel)
 
 
 def _grouped_conv3x3_fwd(x, kernel, groups, layout):

@@ -22,16 +22,15 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from dpmamba_jax import runtime
+from dpmamba_jax import fileio, runtime
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.cc")
 DISABLE_ENV = "DPMAMBA_CPU_KERNELS"
@@ -75,11 +74,8 @@ def _cpu_identity() -> str:
 
 def _build(cxx: str, library: str) -> None:
   """Compiles SOURCE into `library` (atomically: a temporary file in its folder, then a rename)."""
-  folder = os.path.dirname(library)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(library) + ".", suffix=".tmp",
-                             dir=folder)
-  os.close(fd)
+  os.makedirs(os.path.dirname(library), exist_ok=True)
+  tmp = fileio.temp_file(library)
   base = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
           SOURCE, "-o", tmp]
   try:
@@ -133,7 +129,7 @@ def _load() -> Kernels:
 @functools.lru_cache(maxsize=None)
 def kernels() -> Kernels | None:
   """The registered kernels, or None (turned off, or unavailable: one warning)."""
-  if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+  if os.environ.get(DISABLE_ENV, "1") == "0":
     return None
   try:
     return _load()
@@ -142,6 +138,15 @@ def kernels() -> Kernels | None:
                   f"as XLA programs: the same results, inference about 1.6x slower",
                   RuntimeWarning, stacklevel=2)
     return None
+
+
+def cpu_or_xla(xla: Callable, cpu: Callable[[Kernels], Callable], *args):
+  """xla(*args), except in a program that runs on a CPU while the kernels are built: then
+  cpu(kernels())(*args) (the choice made at lowering, `jax.lax.platform_dependent`)."""
+  built = kernels()
+  if built is None:
+    return xla(*args)
+  return jax.lax.platform_dependent(*args, default=xla, cpu=cpu(built))
 
 
 def zigzag_scan_forward(name: str, paths: np.ndarray, u_flat: jax.Array, decay: jax.Array,

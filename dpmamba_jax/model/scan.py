@@ -358,18 +358,13 @@ def _recurrence_fn(paths_bytes: bytes, k_dirs: int, length: int):
       (_, out), states = jax.lax.scan(step, (h0, out0), jnp.arange(length))
     return out.reshape(length * bsz, dim), states
 
-  def forward_xla(u_flat, decay, dt, b_in, c_out, d_skip):
-    return forward(u_flat, decay, dt, b_in, c_out, d_skip, "none")[0]
-
   @jax.custom_vjp
   def recurrence(u_flat, decay, dt, b_in, c_out, d_skip):
-    # without a gradient: the C++ kernel where the program runs on a CPU and the kernel is built
-    kernels = cpu_kernels.kernels()
-    if kernels is None:
-      return forward_xla(u_flat, decay, dt, b_in, c_out, d_skip)
-    return jax.lax.platform_dependent(
-        u_flat, decay, dt, b_in, c_out, d_skip, default=forward_xla,
-        cpu=functools.partial(cpu_kernels.zigzag_scan_forward, kernels.zigzag_scan, paths))
+    # without a gradient: the C++ kernel where the program runs on a CPU
+    return cpu_kernels.cpu_or_xla(
+        lambda *args: forward(*args, "none")[0],
+        lambda built: functools.partial(cpu_kernels.zigzag_scan_forward, built.zigzag_scan, paths),
+        u_flat, decay, dt, b_in, c_out, d_skip)
 
   def fwd(u_flat, decay, dt, b_in, c_out, d_skip):
     states_bytes = (length * k_dirs * decay.shape[1] * u_flat.shape[-1] * b_in.shape[-1]
