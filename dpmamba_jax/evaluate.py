@@ -26,6 +26,7 @@ from dpmamba_jax import metrics as metrics_lib  # noqa: E402
 from dpmamba_jax import run  # noqa: E402
 from dpmamba_jax import trainer  # noqa: E402
 from dpmamba_jax import workdir as workdir_lib  # noqa: E402
+from dpmamba_jax.model import cpu_kernels  # noqa: E402
 
 
 def _maps_value(value: str) -> str:
@@ -93,6 +94,7 @@ def _evaluate_workdir(args, workdir: str, cfg_path: str) -> int:
   cfg, spec = config_lib.resolve(overrides, methods.defaults)
   runtime.setup_cpu_flags()
   runtime.setup_compile_cache(cfg.compile_cache)
+  cpu_kernels.build_in_background()  # while the data loads
   rd = run.load_run_data(cfg, spec, workdir)
   meth = methods.get(cfg.method)
   stages = meth.stages(cfg, trainer.shapes_of(rd))

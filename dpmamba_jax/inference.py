@@ -301,6 +301,23 @@ class Predictor:
     return pred.reshape(shape)
 
 
+def compile_side_by_side(models: Sequence, rd, batch: int) -> None:
+  """Compiles the predict programs of `Predictor.for_run(model, rd, batch)` for several models
+  at once, by running one batch of each in its own thread (the results are dropped): XLA
+  compiles a program on one core, so one after another the other core would wait. Not across
+  several processes (their sharded calls must start in the same order on every host)."""
+  if len(models) < 2 or jax.process_count() > 1:
+    return
+  idx = np.arange(min(batch, rd.height * rd.width), dtype=np.int32)
+
+  def one(model):
+    predictor = Predictor.for_run(model, rd, batch)
+    predictor.predict_pixels(predictor.prepare_scene(rd.cubes), rd.z, idx)
+
+  with ThreadPoolExecutor(len(models), thread_name_prefix="compile") as pool:
+    list(pool.map(one, models))
+
+
 def pixels_to_classify(shape: tuple[int, int], known_idx: np.ndarray | None = None,
                        skip: np.ndarray | None = None) -> np.ndarray:
   """The flat indices (n,) int32, raster order, that `Predictor.predict_scene` classifies on a

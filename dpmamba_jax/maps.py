@@ -12,6 +12,7 @@ import io
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -93,22 +94,27 @@ def write_all_maps(rd, model, out_dir: str, *, batch: int = 512, which: str = "s
   palette = tuple(spec.palette) if getattr(spec, "palette", None) else None
   scene = predictor.prepare_scene(rd.cubes)  # once for all scenarios
   invalid = getattr(rd, "invalid", None)
-  written, panels = [], []
-  for name, row in masks_lib.eval_scenarios(spec.modalities):
-    pred = predictor.predict_scene(
-        scene, rd.z, rd.height, row, progress=progress, skip=invalid,
-        known=None if known is None else (known[0], known[1][name]),
-        desc=None if getattr(log, "quiet", False) else f"map {which} {name}")
-    full, labelled = to_maps(pred, rd.labels, invalid)
-    panels.append((panel_title(name), full))
-    stem = f"{which}_{masks_lib.scenario_file_stem(name)}"
-    written += save_map(out_dir, stem + "_full", full, spec.class_names, palette,
-                        f"{spec.name} {which}, {name}: every pixel")
-    written += save_map(out_dir, stem + "_labelled", labelled, spec.class_names, palette,
-                        f"{spec.name} {which}, {name}: labelled pixels")
   gt = np.asarray(rd.labels)
-  written += save_map(out_dir, "ground_truth", gt, spec.class_names, palette,
-                      f"{spec.name} ground truth")
+  # The files are drawn and written in a thread while the next scenario is classified: the
+  # drawing is on one core, which would leave the other idle.
+  with ThreadPoolExecutor(1, thread_name_prefix="maps") as writer:
+    ground_truth = writer.submit(save_map, out_dir, "ground_truth", gt, spec.class_names,
+                                 palette, f"{spec.name} ground truth")
+    files, panels = [], []
+    for name, row in masks_lib.eval_scenarios(spec.modalities):
+      pred = predictor.predict_scene(
+          scene, rd.z, rd.height, row, progress=progress, skip=invalid,
+          known=None if known is None else (known[0], known[1][name]),
+          desc=None if getattr(log, "quiet", False) else f"map {which} {name}")
+      full, labelled = to_maps(pred, rd.labels, invalid)
+      panels.append((panel_title(name), full))
+      stem = f"{which}_{masks_lib.scenario_file_stem(name)}"
+      files.append(writer.submit(save_map, out_dir, stem + "_full", full, spec.class_names,
+                                 palette, f"{spec.name} {which}, {name}: every pixel"))
+      files.append(writer.submit(save_map, out_dir, stem + "_labelled", labelled,
+                                 spec.class_names, palette,
+                                 f"{spec.name} {which}, {name}: labelled pixels"))
+    written = [path for f in files + [ground_truth] for path in f.result()]
   log(f"maps: {len(written)} files in {out_dir}")
   if comparison:
     save_comparison(comparison, [("ground truth", gt)] + panels, spec.class_names, palette,

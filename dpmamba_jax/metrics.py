@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from dpmamba_jax import errors
 from dpmamba_jax import fileio
+from dpmamba_jax import inference
 from dpmamba_jax import masks as masks_lib
 from dpmamba_jax import method as method_lib
 from dpmamba_jax import methods
@@ -265,6 +266,7 @@ def evaluate_run(rd, workdir: str, meth: method_lib.Method, models: dict, *, epo
   bar = tqdm(total=total, desc="evaluation", unit="patch", unit_scale=True, mininterval=1.0,
              file=sys.stderr, dynamic_ncols=True, disable=quiet)
   try:
+    inference.compile_side_by_side([s.classifier(models) for s in todo], rd, batch)
     for scored in todo:
       metrics[scored.key] = evaluate_model(scored.classifier(models), rd, batch=batch,
                                            which=scored.key, progress=bar,

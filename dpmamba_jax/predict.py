@@ -22,6 +22,7 @@ from dpmamba_jax import fileio  # noqa: E402
 from dpmamba_jax import inference  # noqa: E402
 from dpmamba_jax import locks  # noqa: E402
 from dpmamba_jax.inference import DEFAULT_TILE_ROWS  # noqa: E402
+from dpmamba_jax.model import cpu_kernels  # noqa: E402
 
 
 def _outputs(out: str, probabilities: bool) -> dict:
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
                              "does not exist")
   runtime.setup_cpu_flags()
   runtime.setup_compile_cache(not args.no_compile_cache)
+  cpu_kernels.build_in_background()  # while the data loads
   folder, name = os.path.split(os.path.abspath(paths["map"]))
   warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
   with locks.hold(os.path.join(folder, f".{name}.lock"), f"--out {args.out}", warn=warn):

@@ -20,6 +20,7 @@ from dpmamba_jax import errors  # noqa: E402
 from dpmamba_jax import methods  # noqa: E402
 from dpmamba_jax import trainer  # noqa: E402
 from dpmamba_jax.data import datasets  # noqa: E402
+from dpmamba_jax.model import cpu_kernels  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
   cfg, spec = resolve_args(args)
   args.quiet = args.quiet or not runtime.primary_process()
   cache = runtime.setup_compile_cache(cfg.compile_cache)
+  cpu_kernels.build_in_background()  # while the data loads
   if cache and not args.quiet:
     print(f"XLA compilation cache: {cache}")
   if args.runs == 1:

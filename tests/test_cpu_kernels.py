@@ -2,6 +2,8 @@
 against the float64 numpy loop and XLA's convolution, used only without a gradient, and the
 fallback to the XLA programs when they cannot be built."""
 import os
+import threading
+import time
 import warnings
 
 import chex
@@ -137,6 +139,37 @@ def test_no_compiler_is_one_warning_and_the_xla_programs(fresh_kernels, monkeypa
   k = np.ones((3, 3, 2, 4), np.float32)
   np.testing.assert_allclose(np.asarray(conv._grouped_conv3x3(x, k, 2, "HWNC"))[1, 1], 18.0)
   assert os.listdir(tmp_path) == []  # nothing half-built left
+
+
+def test_a_background_build_and_a_trace_build_once(fresh_kernels, monkeypatch):
+  """build_in_background's thread and a trace asking at once: one build, one result."""
+  builds = []
+
+  def slow_load():
+    builds.append(threading.current_thread().name)
+    time.sleep(0.3)
+    return "the kernels"
+
+  monkeypatch.setattr(cpu_kernels, "_load", slow_load)
+  thread = cpu_kernels.build_in_background()
+  assert not thread.daemon  # a command that ends first waits for it: no temporary file left
+  assert cpu_kernels.kernels() == "the kernels"
+  thread.join()
+  assert len(builds) == 1
+
+
+def test_a_failed_background_build_warns_once(fresh_kernels, monkeypatch):
+  def failing_load():
+    time.sleep(0.3)
+    raise cpu_kernels.KernelUnavailable("no C++ compiler found")
+
+  monkeypatch.setattr(cpu_kernels, "_load", failing_load)
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    thread = cpu_kernels.build_in_background()
+    assert cpu_kernels.kernels() is None
+    thread.join()
+  assert len([w for w in seen if "CPU kernels are not available" in str(w.message)]) == 1
 
 
 @needs_compiler

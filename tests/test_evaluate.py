@@ -1,4 +1,6 @@
 """Tests for evaluate.py: metrics, padded fixed-batch inference, reports."""
+import types
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -121,3 +123,22 @@ def test_test_pixels_subsample_fixed_per_seed():
   assert np.isin(a, split.test_idx).all()
   np.testing.assert_array_equal(a, b)  # the same subset for every model of a run
   assert not np.array_equal(a, c)  # another seed, another subset
+
+
+@pytest.mark.slow
+def test_compile_side_by_side_compiles_each_models_program_once():
+  h, w = 6, 5
+  student, cubes, z = _tiny_predictor_setup(h, w)
+  teacher_cfg = ModelConfig.tiny(bands=(3, 2), patch_size=3, depth=1, hidden=8, out_dim=8)
+  teacher = DPMamba(teacher_cfg, rngs=nnx.Rngs(1))  # no prompts: another program
+  rd = types.SimpleNamespace(cubes=cubes, z=z, height=h, width=w, patch_size=3,
+                             inference_mesh=lambda batch: None)
+  inference._programs.cache_clear()  # Predictors of equal model graphs share programs
+  inference.compile_side_by_side([student, teacher], rd, batch=8)
+  idx = np.arange(h * w, dtype=np.int32)
+  for model in (student, teacher):
+    predictor = Predictor.for_run(model, rd, 8)
+    assert predictor.program._cache_size() == 1  # compiled already
+    out = predictor.predict_pixels(cubes, z, idx, None)
+    np.testing.assert_array_equal(out, _eval_forward(model, cubes, z, idx, w, None))
+    assert predictor.program._cache_size() == 1  # and not again

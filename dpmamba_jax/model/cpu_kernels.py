@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import warnings
 from typing import Callable, NamedTuple
 
@@ -126,9 +127,18 @@ def _load() -> Kernels:
   return kernels
 
 
-@functools.lru_cache(maxsize=None)
+_BUILD_LOCK = threading.Lock()  # `build_in_background`'s thread and a trace may ask at once
+
+
 def kernels() -> Kernels | None:
-  """The registered kernels, or None (turned off, or unavailable: one warning)."""
+  """The registered kernels, or None (turned off, or unavailable: one warning). Thread-safe: a
+  second caller waits for the first one's build."""
+  with _BUILD_LOCK:
+    return _kernels_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_once() -> Kernels | None:
   if os.environ.get(DISABLE_ENV, "1") == "0":
     return None
   try:
@@ -136,8 +146,20 @@ def kernels() -> Kernels | None:
   except KernelUnavailable as e:
     warnings.warn(f"the CPU kernels are not available ({e}); the scan and the grouped convs run "
                   f"as XLA programs: the same results, inference about 1.6x slower",
-                  RuntimeWarning, stacklevel=2)
+                  RuntimeWarning, stacklevel=3)
     return None
+
+
+kernels.cache_clear = _kernels_once.cache_clear  # as on an lru_cache'd function
+
+
+def build_in_background() -> threading.Thread:
+  """Starts `kernels()` in a thread, so that a command's first build (a C++ compile on one
+  core) runs while it loads its data instead of in its first trace. Returns the thread. Not a
+  daemon: a command that ends sooner waits for the build, which then leaves no temporary file."""
+  thread = threading.Thread(target=kernels, name="cpu-kernels-build")
+  thread.start()
+  return thread
 
 
 def cpu_or_xla(xla: Callable, cpu: Callable[[Kernels], Callable], *args):
